@@ -1,0 +1,296 @@
+//! The `Backend` trait: the coarse ops the model is written against, each with an explicit
+//! forward and backward. No autograd: `model` calls the backwards in reverse order.
+//!
+//! Shape letters (used in every doc comment and in variable names):
+//! T packed tokens of one micro-batch, C model width, H query heads, Hkv key/value heads,
+//! D head dim, QKV = (H + 2 Hkv) D, F SwiGLU hidden width, V vocabulary, N documents.
+//! Tensors are row-major and flat; a `[T, C]` buffer holds row t at `t * C`.
+//!
+//! Contract (as llm.c's): a backward *accumulates* (`+=`) into parameter gradients and into
+//! the input gradients marked "+=" below (the residual stream, inputs read by several ops);
+//! every other output is *overwritten*. Buffers may be longer than the op needs: an op reads
+//! and writes only the leading elements its dims describe, so buffers sized for the largest
+//! micro-batch are reused for every smaller one.
+//!
+//! Buffers belong to the backend (`Buf` for floats in the backend's storage precision,
+//! `IdxBuf` for i32 indices); the host sees values only through `upload`/`download`, so a
+//! device backend runs a whole step without host round trips except `sum_squares`.
+
+pub mod cpu;
+
+use thiserror::Error;
+
+/// Any failure of a backend op.
+#[derive(Debug, Error)]
+pub enum BackendError {
+    #[error("{op}: {message}")]
+    Shape { op: &'static str, message: String },
+    #[error("{op} is not implemented by the {backend} backend")]
+    Unsupported {
+        op: &'static str,
+        backend: &'static str,
+    },
+    #[error("{backend} backend unavailable: {message}")]
+    Unavailable {
+        backend: &'static str,
+        message: String,
+    },
+    #[error("{op}: device error: {message}")]
+    Device { op: &'static str, message: String },
+}
+
+/// Hyper-parameters of one AdamW update of one tensor.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWStep {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// Decoupled weight decay (already 0 for tensors excluded from decay).
+    pub weight_decay: f32,
+    /// Multiplier applied to the gradient first (1/global target count times the clip factor).
+    pub grad_scale: f32,
+    /// 1-based step count, for bias correction.
+    pub step: u64,
+}
+
+/// Dims of the attention ops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnDims {
+    /// Packed tokens T.
+    pub t: usize,
+    /// Query heads H.
+    pub h: usize,
+    /// Key/value heads Hkv (divides H).
+    pub hkv: usize,
+    /// Head dim D.
+    pub d: usize,
+    /// Documents N (`cu_seqlens` holds N + 1 entries).
+    pub n_docs: usize,
+    /// Longest document.
+    pub max_seqlen: usize,
+}
+
+impl AttnDims {
+    /// Width of one row of the fused qkv buffer: (H + 2 Hkv) D.
+    pub fn qkv_width(&self) -> usize {
+        (self.h + 2 * self.hkv) * self.d
+    }
+}
+
+/// Coarse ops with forward and backward. `Result` everywhere: a device op can fail.
+pub trait Backend {
+    /// Float buffer (activations, parameters, gradients, optimizer moments).
+    type Buf;
+    /// i32 buffer (token ids, targets, positions, `cu_seqlens`).
+    type IdxBuf;
+
+    fn name(&self) -> &'static str;
+
+    // ---------------------------------------------------------------- memory
+    /// A zeroed buffer of `len` floats.
+    fn alloc(&self, len: usize) -> Result<Self::Buf, BackendError>;
+    /// A zeroed buffer of `len` i32.
+    fn alloc_idx(&self, len: usize) -> Result<Self::IdxBuf, BackendError>;
+    /// Length of a buffer in elements.
+    fn len(&self, buf: &Self::Buf) -> usize;
+    /// Write `src` into the leading elements of `dst`.
+    fn upload(&self, dst: &mut Self::Buf, src: &[f32]) -> Result<(), BackendError>;
+    /// Write `src` into the leading elements of `dst`.
+    fn upload_idx(&self, dst: &mut Self::IdxBuf, src: &[i32]) -> Result<(), BackendError>;
+    /// Read the leading `len` elements.
+    fn download(&self, src: &Self::Buf, len: usize) -> Result<Vec<f32>, BackendError>;
+    /// Set the leading `len` elements to zero.
+    fn zero(&self, buf: &mut Self::Buf, len: usize) -> Result<(), BackendError>;
+    /// `dst[..len] = src[..len]`.
+    fn copy(&self, dst: &mut Self::Buf, src: &Self::Buf, len: usize) -> Result<(), BackendError>;
+    /// Wait for every queued op (a no-op on the CPU).
+    fn synchronize(&self) -> Result<(), BackendError>;
+
+    // ---------------------------------------------------------------- embedding
+    /// `out[t, :] = wte[tokens[t], :]`. out `[T, C]` overwritten, wte `[V, C]`.
+    fn embedding_forward(
+        &self,
+        out: &mut Self::Buf,
+        tokens: &Self::IdxBuf,
+        wte: &Self::Buf,
+        t: usize,
+        c: usize,
+    ) -> Result<(), BackendError>;
+    /// `dwte[tokens[t], :] += dout[t, :]`.
+    fn embedding_backward(
+        &self,
+        dwte: &mut Self::Buf,
+        dout: &Self::Buf,
+        tokens: &Self::IdxBuf,
+        t: usize,
+        c: usize,
+    ) -> Result<(), BackendError>;
+
+    // ---------------------------------------------------------------- RMSNorm
+    /// `rstd[t] = 1 / sqrt(mean_c x[t,c]^2 + eps)`, `out[t,c] = x[t,c] rstd[t] weight[c]`.
+    /// out `[T, C]` and rstd `[T]` overwritten (rstd is saved for the backward).
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_forward(
+        &self,
+        out: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+        x: &Self::Buf,
+        weight: &Self::Buf,
+        t: usize,
+        c: usize,
+        eps: f32,
+    ) -> Result<(), BackendError>;
+    /// dx `[T, C]` += (the residual stream), dweight `[C]` +=.
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_backward(
+        &self,
+        dx: &mut Self::Buf,
+        dweight: &mut Self::Buf,
+        dout: &Self::Buf,
+        x: &Self::Buf,
+        weight: &Self::Buf,
+        rstd: &Self::Buf,
+        t: usize,
+        c: usize,
+    ) -> Result<(), BackendError>;
+
+    // ---------------------------------------------------------------- linear
+    /// `out[t, o] = sum_i x[t, i] w[o, i] (+ bias[o])`: x `[T, IC]`, w `[OC, IC]` (the
+    /// PyTorch `nn.Linear` layout), out `[T, OC]` overwritten.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_forward(
+        &self,
+        out: &mut Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        bias: Option<&Self::Buf>,
+        t: usize,
+        ic: usize,
+        oc: usize,
+    ) -> Result<(), BackendError>;
+    /// dx `[T, IC]` +=  dout w; dw `[OC, IC]` += dout^T x; dbias `[OC]` += sum_t dout.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_backward(
+        &self,
+        dx: &mut Self::Buf,
+        dw: &mut Self::Buf,
+        dbias: Option<&mut Self::Buf>,
+        dout: &Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        t: usize,
+        ic: usize,
+        oc: usize,
+    ) -> Result<(), BackendError>;
+
+    // ---------------------------------------------------------------- RoPE
+    /// Rotate, in place, the q and k heads of the fused qkv buffer `[T, QKV]` (v untouched)
+    /// by the angle `positions[t] * inv_freq[j]` on the pairs (j, j + D/2) (the Hugging Face
+    /// "rotate_half" layout). inv_freq `[D/2]` carries any rope scaling.
+    fn rope_forward(
+        &self,
+        qkv: &mut Self::Buf,
+        positions: &Self::IdxBuf,
+        inv_freq: &Self::Buf,
+        dims: AttnDims,
+    ) -> Result<(), BackendError>;
+    /// The transpose (inverse) rotation applied in place to dq and dk inside dqkv `[T, QKV]`.
+    fn rope_backward(
+        &self,
+        dqkv: &mut Self::Buf,
+        positions: &Self::IdxBuf,
+        inv_freq: &Self::Buf,
+        dims: AttnDims,
+    ) -> Result<(), BackendError>;
+
+    // ---------------------------------------------------------------- attention
+    /// Causal attention within each document of `cu_seqlens` (`[N + 1]`, i32): query i of a
+    /// document sees keys 0..=i of the same document only. Query head h reads kv head
+    /// h / (H / Hkv). `out[t, h D..(h+1) D] = softmax(q k^T / sqrt(D)) v`; out `[T, H D]`
+    /// and lse `[H, T]` (log-sum-exp of the scaled scores, saved for the backward) overwritten.
+    fn attention_forward(
+        &self,
+        out: &mut Self::Buf,
+        lse: &mut Self::Buf,
+        qkv: &Self::Buf,
+        cu_seqlens: &Self::IdxBuf,
+        dims: AttnDims,
+    ) -> Result<(), BackendError>;
+    /// dqkv `[T, QKV]` overwritten (dk, dv summed over the query heads sharing a kv head).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        dqkv: &mut Self::Buf,
+        dout: &Self::Buf,
+        qkv: &Self::Buf,
+        out: &Self::Buf,
+        lse: &Self::Buf,
+        cu_seqlens: &Self::IdxBuf,
+        dims: AttnDims,
+    ) -> Result<(), BackendError>;
+
+    // ---------------------------------------------------------------- SwiGLU
+    /// gate_up `[T, 2F]` holds gate in columns 0..F and up in F..2F of each row;
+    /// `out[t, f] = silu(gate) * up`, out `[T, F]` overwritten.
+    fn swiglu_forward(
+        &self,
+        out: &mut Self::Buf,
+        gate_up: &Self::Buf,
+        t: usize,
+        f: usize,
+    ) -> Result<(), BackendError>;
+    /// dgate_up `[T, 2F]` overwritten.
+    fn swiglu_backward(
+        &self,
+        dgate_up: &mut Self::Buf,
+        dout: &Self::Buf,
+        gate_up: &Self::Buf,
+        t: usize,
+        f: usize,
+    ) -> Result<(), BackendError>;
+
+    // ---------------------------------------------------------------- residual
+    /// `acc[..n] += x[..n]`.
+    fn add_inplace(&self, acc: &mut Self::Buf, x: &Self::Buf, n: usize)
+        -> Result<(), BackendError>;
+
+    // ---------------------------------------------------------------- lm_head + loss
+    /// The classifier, fused so the `[T, V]` probabilities never exist whole: logits =
+    /// x w^T (x `[T, C]`, w `[V, C]`), per-token loss `losses[t] = logsumexp(logits[t]) -
+    /// logits[t, targets[t]]` (0 where targets[t] < 0, the ignore index), overwritten.
+    /// With gradients: dlogits = `loss_scale` (softmax - onehot) on target rows, 0 elsewhere;
+    /// dx `[T, C]` overwritten with dlogits w, dw `[V, C]` += dlogits^T x.
+    #[allow(clippy::too_many_arguments)]
+    fn classifier(
+        &self,
+        losses: &mut Self::Buf,
+        grads: Option<(&mut Self::Buf, &mut Self::Buf)>,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        targets: &Self::IdxBuf,
+        loss_scale: f32,
+        t: usize,
+        c: usize,
+        v: usize,
+    ) -> Result<(), BackendError>;
+
+    // ---------------------------------------------------------------- optimizer
+    /// `sum_b sum_i b[i]^2` over the leading `len` of each buffer, summed in f64 on the host
+    /// (the one host sync of a step).
+    fn sum_squares(&self, bufs: &[(&Self::Buf, usize)]) -> Result<f64, BackendError>;
+    /// `buf[..n] *= s`.
+    fn scale(&self, buf: &mut Self::Buf, n: usize, s: f32) -> Result<(), BackendError>;
+    /// One AdamW update of `n` elements: g = grad_scale grad; m = b1 m + (1-b1) g;
+    /// v = b2 v + (1-b2) g^2; p -= lr (m̂ / (sqrt(v̂) + eps) + wd p), m̂, v̂ bias-corrected.
+    #[allow(clippy::too_many_arguments)]
+    fn adamw(
+        &self,
+        param: &mut Self::Buf,
+        grad: &Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+        n: usize,
+        hp: AdamWStep,
+    ) -> Result<(), BackendError>;
+}

@@ -1,0 +1,1 @@
+//! `packtrain plan`: the packing report.

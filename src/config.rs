@@ -107,6 +107,35 @@ pub struct ModelConfig {
     pub init_std: f64,
     /// Biases on the q, k, v projections (Qwen2).
     pub qkv_bias: bool,
+    /// RoPE frequency scaling (`[model.rope_scaling]`, Llama 3.1's `llama3` scheme); none if unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
+}
+
+/// Which RoPE scaling scheme (only Llama 3.1's; transformers' others are refused on load).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RopeScalingKind {
+    /// Long wavelengths divided by `factor`, short ones kept, a smooth ramp between.
+    Llama3,
+}
+
+/// `[model.rope_scaling]`: transformers' `rope_scaling` of type `llama3`. With wavelength
+/// w = 2 pi / f of each base frequency f = theta^(-2j/D), L = `original_max_position_embeddings`:
+/// f is kept when w < L / `high_freq_factor`, divided by `factor` when w > L / `low_freq_factor`,
+/// and in between blended as (1 - s) f / factor + s f with s = (L / w - low) / (high - low).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RopeScaling {
+    /// `llama3`.
+    #[serde(rename = "type")]
+    pub kind: RopeScalingKind,
+    /// Divisor of the low frequencies (>= 1).
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    /// Context length of the pre-scaling model (tokens).
+    pub original_max_position_embeddings: usize,
 }
 
 impl Default for ModelConfig {
@@ -124,6 +153,7 @@ impl Default for ModelConfig {
             tie_embeddings: true,
             init_std: 0.02,
             qkv_bias: false,
+            rope_scaling: None,
         }
     }
 }
@@ -151,6 +181,9 @@ pub enum DataFormat {
     PromptCompletion,
     /// JSONL `{"input_ids": [...], "labels": [...]?}`; labels of -100 are excluded from the loss.
     Tokens,
+    /// JSONL `{"messages": [{"role": ..., "content": ...}, ...]}` rendered by `data.chat_template`;
+    /// only assistant turns (content and end marker) are in the loss.
+    Chat,
 }
 
 /// What to do with a document longer than `data.max_doc_tokens`.
@@ -178,8 +211,11 @@ pub struct DataConfig {
     pub long_documents: LongDocuments,
     /// Prepend this token id to every tokenised document (text formats); none if unset.
     pub bos_token_id: Option<u32>,
-    /// Append this token id to every tokenised document (text formats); none if unset.
+    /// Append this token id to every tokenised document (text formats but `chat`); none if unset.
     pub eos_token_id: Option<u32>,
+    /// How `chat` conversations become text (see `data::chat`), e.g.
+    /// `"{@user}<|user|>\n{content}\n{@assistant}<|assistant|>\n{content}<|end|>\n"`.
+    pub chat_template: Option<String>,
     /// Where the tokenised corpus is cached (memory-mapped, keyed by a hash of inputs and settings).
     pub cache_dir: PathBuf,
     pub synthetic: SyntheticConfig,
@@ -195,6 +231,7 @@ impl Default for DataConfig {
             long_documents: LongDocuments::Split,
             bos_token_id: None,
             eos_token_id: None,
+            chat_template: None,
             cache_dir: PathBuf::from(".packtrain-cache"),
             synthetic: SyntheticConfig::default(),
         }
@@ -417,14 +454,14 @@ impl Config {
         if m.n_heads == 0 {
             return Err(invalid("model.n_heads", 0, "must be > 0"));
         }
-        if m.n_kv_heads == 0 || m.n_heads % m.n_kv_heads != 0 {
+        if m.n_kv_heads == 0 || !m.n_heads.is_multiple_of(m.n_kv_heads) {
             return Err(invalid(
                 "model.n_kv_heads",
                 m.n_kv_heads,
                 format!("must be > 0 and divide model.n_heads = {}", m.n_heads),
             ));
         }
-        if m.head_dim == 0 && m.d_model % m.n_heads != 0 {
+        if m.head_dim == 0 && !m.d_model.is_multiple_of(m.n_heads) {
             return Err(invalid(
                 "model.d_model",
                 m.d_model,
@@ -434,7 +471,7 @@ impl Config {
                 ),
             ));
         }
-        if m.head_dim() % 2 != 0 {
+        if !m.head_dim().is_multiple_of(2) {
             return Err(invalid(
                 "model.head_dim",
                 m.head_dim(),
@@ -457,6 +494,39 @@ impl Config {
         if !(m.init_std.is_finite() && m.init_std > 0.0) {
             return Err(invalid("model.init_std", m.init_std, "must be > 0"));
         }
+        if let Some(r) = &m.rope_scaling {
+            if !(r.factor.is_finite() && r.factor >= 1.0) {
+                return Err(invalid(
+                    "model.rope_scaling.factor",
+                    r.factor,
+                    "must be a finite number >= 1",
+                ));
+            }
+            if !(r.low_freq_factor.is_finite() && r.low_freq_factor > 0.0) {
+                return Err(invalid(
+                    "model.rope_scaling.low_freq_factor",
+                    r.low_freq_factor,
+                    "must be > 0",
+                ));
+            }
+            if !(r.high_freq_factor.is_finite() && r.high_freq_factor > r.low_freq_factor) {
+                return Err(invalid(
+                    "model.rope_scaling.high_freq_factor",
+                    r.high_freq_factor,
+                    format!(
+                        "must be > model.rope_scaling.low_freq_factor = {}",
+                        r.low_freq_factor
+                    ),
+                ));
+            }
+            if r.original_max_position_embeddings == 0 {
+                return Err(invalid(
+                    "model.rope_scaling.original_max_position_embeddings",
+                    0,
+                    "must be > 0",
+                ));
+            }
+        }
 
         let d = &self.data;
         if d.max_doc_tokens < 2 {
@@ -478,13 +548,30 @@ impl Config {
                     ),
                 ))
             }
-            DataFormat::Text | DataFormat::PromptCompletion if d.tokenizer.is_none() => {
+            DataFormat::Text | DataFormat::PromptCompletion | DataFormat::Chat
+                if d.tokenizer.is_none() =>
+            {
                 return Err(invalid(
                     "data.tokenizer",
                     "(unset)",
                     "needs a tokenizer.json path for text formats",
                 ))
             }
+            DataFormat::Chat => match &d.chat_template {
+                None => {
+                    return Err(invalid(
+                        "data.chat_template",
+                        "(unset)",
+                        "data.format = chat needs a template, e.g. \
+                         \"{@user}<|user|>\\n{content}\\n{@assistant}<|assistant|>\\n{content}<|end|>\\n\"",
+                    ))
+                }
+                Some(t) => {
+                    if let Err(e) = crate::data::chat::ChatTemplate::parse(t) {
+                        return Err(invalid("data.chat_template", format!("{t:?}"), e.to_string()));
+                    }
+                }
+            },
             _ => {}
         }
         for (key, id) in [
@@ -688,6 +775,41 @@ mod tests {
             let e = err(text);
             assert!(e.starts_with(&format!("{key} = ")), "{text:?} gave {e}");
         }
+    }
+
+    #[test]
+    fn rope_scaling_parses_round_trips_and_is_validated() {
+        let text = "[model.rope_scaling]\ntype = 'llama3'\nfactor = 8.0\nlow_freq_factor = 1.0\n\
+                    high_freq_factor = 4.0\noriginal_max_position_embeddings = 8192\n";
+        let c = Config::parse(text).unwrap();
+        let r = c.model.rope_scaling.clone().unwrap();
+        assert_eq!((r.kind, r.factor, r.original_max_position_embeddings), (RopeScalingKind::Llama3, 8.0, 8192));
+        assert_eq!(Config::parse(&c.to_toml()).unwrap(), c);
+        assert!(!Config::default().to_toml().contains("rope_scaling"));
+        for (bad, key) in [
+            ("factor = 8.0", "factor = 0.5"),
+            ("high_freq_factor = 4.0", "high_freq_factor = 1.0"),
+            ("original_max_position_embeddings = 8192", "original_max_position_embeddings = 0"),
+        ] {
+            let e = err(&text.replace(bad, key));
+            let name = key.split(' ').next().unwrap();
+            assert!(e.starts_with(&format!("model.rope_scaling.{name} = ")), "{e}");
+        }
+        let e = err(&text.replace("'llama3'", "'yarn'"));
+        assert!(e.contains("yarn") && e.contains("llama3"), "{e}");
+    }
+
+    #[test]
+    fn chat_format_needs_a_valid_template() {
+        let base = "[data]\nformat = 'chat'\npaths = ['c.jsonl']\ntokenizer = 'tokenizer.json'\n";
+        let e = err(base);
+        assert!(e.starts_with("data.chat_template = (unset):"), "{e}");
+        let e = err(&format!("{base}chat_template = '{{@user}}{{content}}'\n"));
+        assert!(e.starts_with("data.chat_template = ") && e.contains("assistant"), "{e}");
+        let ok = format!("{base}chat_template = '{{@user}}U: {{content}}\\n{{@assistant}}A: {{content}}</s>'\n");
+        let c = Config::parse(&ok).unwrap();
+        assert_eq!(c.data.format, DataFormat::Chat);
+        assert_eq!(Config::parse(&c.to_toml()).unwrap(), c);
     }
 
     #[test]

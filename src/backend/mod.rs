@@ -67,7 +67,8 @@ pub struct AttnDims {
     pub d: usize,
     /// Documents N (`cu_seqlens` holds N + 1 entries).
     pub n_docs: usize,
-    /// Longest document.
+    /// Longest document: an upper bound on every length in `cu_seqlens` (a longer document
+    /// is an error; empty documents are allowed).
     pub max_seqlen: usize,
 }
 
@@ -108,7 +109,8 @@ pub trait Backend {
     fn synchronize(&self) -> Result<(), BackendError>;
 
     // ---------------------------------------------------------------- embedding
-    /// `out[t, :] = wte[tokens[t], :]`. out `[T, C]` overwritten, wte `[V, C]`.
+    /// `out[t, :] = wte[tokens[t], :]`. out `[T, C]` overwritten, wte `[V, C]`. A token
+    /// outside `0..V` is an error (the CPU backend can only check it against `len(wte) / C`).
     fn embedding_forward(
         &self,
         out: &mut Self::Buf,
@@ -187,7 +189,7 @@ pub trait Backend {
     // ---------------------------------------------------------------- RoPE
     /// Rotate, in place, the q and k heads of the fused qkv buffer `[T, QKV]` (v untouched)
     /// by the angle `positions[t] * inv_freq[j]` on the pairs (j, j + D/2) (the Hugging Face
-    /// "rotate_half" layout). inv_freq `[D/2]` carries any rope scaling.
+    /// "rotate_half" layout). inv_freq `[D/2]` carries any rope scaling; D must be even.
     fn rope_forward(
         &self,
         qkv: &mut Self::Buf,
@@ -205,7 +207,8 @@ pub trait Backend {
     ) -> Result<(), BackendError>;
 
     // ---------------------------------------------------------------- attention
-    /// Causal attention within each document of `cu_seqlens` (`[N + 1]`, i32): query i of a
+    /// Causal attention within each document of `cu_seqlens` (`[N + 1]`, i32, starting at 0,
+    /// non-decreasing, ending at T; otherwise an error): query i of a
     /// document sees keys 0..=i of the same document only. Query head h reads kv head
     /// h / (H / Hkv). `out[t, h D..(h+1) D] = softmax(q k^T / sqrt(D)) v`; out `[T, H D]`
     /// and lse `[H, T]` (log-sum-exp of the scaled scores, saved for the backward) overwritten.
@@ -259,8 +262,10 @@ pub trait Backend {
     /// The classifier, fused so the `[T, V]` probabilities never exist whole: logits =
     /// x w^T (x `[T, C]`, w `[V, C]`), per-token loss `losses[t] = logsumexp(logits[t]) -
     /// logits[t, targets[t]]` (0 where targets[t] < 0, the ignore index), overwritten.
-    /// With gradients: dlogits = `loss_scale` (softmax - onehot) on target rows, 0 elsewhere;
-    /// dx `[T, C]` overwritten with dlogits w, dw `[V, C]` += dlogits^T x.
+    /// With gradients, `grads = Some((dx, dw))`: dlogits = `loss_scale` (softmax - onehot) on
+    /// target rows, 0 elsewhere; dx `[T, C]` overwritten with dlogits w (rows of ignored
+    /// targets are 0), dw `[V, C]` += dlogits^T x. `losses` are never scaled. A target >= V
+    /// is an error.
     #[allow(clippy::too_many_arguments)]
     fn classifier(
         &self,

@@ -1,3 +1,6 @@
 //! The command line: one module per subcommand, `main.rs` dispatches.
 
+pub mod eval;
 pub mod plan;
+pub mod plot_font;
+pub mod progress;

@@ -103,6 +103,67 @@ impl std::fmt::Debug for TokenStore {
     }
 }
 
+/// Appends documents to the three flat arrays of an in-memory [`TokenStore`], one at a time, so
+/// a build never holds the corpus twice.
+#[derive(Debug, Default)]
+pub(crate) struct StoreBuilder {
+    tokens: Vec<u32>,
+    offsets: Vec<u64>,
+    label_bits: Vec<u8>,
+    label_tokens: u64,
+}
+
+impl StoreBuilder {
+    /// Append one document (an empty one becomes an empty entry; callers skip those first).
+    pub(crate) fn push(&mut self, doc: &Document) {
+        self.push_range(doc, 0..doc.len());
+    }
+
+    /// Append tokens `range` of `doc`, with their label bits, as one document.
+    pub(crate) fn push_range(&mut self, doc: &Document, range: std::ops::Range<usize>) {
+        if self.offsets.is_empty() {
+            self.offsets.push(0);
+        }
+        self.tokens.reserve(range.len());
+        for i in range {
+            let tok = doc.tokens[i];
+            let pos = self.tokens.len();
+            if pos / 8 >= self.label_bits.len() {
+                self.label_bits.push(0u8);
+            }
+            if doc.is_label(i) {
+                self.label_bits[pos / 8] |= 1 << (pos % 8);
+                self.label_tokens += 1;
+            }
+            self.tokens.push(tok);
+        }
+        self.offsets.push(self.tokens.len() as u64);
+    }
+
+    /// Documents pushed so far.
+    pub(crate) fn num_docs(&self) -> usize {
+        self.offsets.len().saturating_sub(1)
+    }
+
+    /// The store, with `report`'s `docs`, `tokens` and `label_tokens` filled in from what was
+    /// pushed (the caller owns the other counts).
+    pub(crate) fn finish(mut self, mut report: DataReport) -> TokenStore {
+        if self.offsets.is_empty() {
+            self.offsets.push(0);
+        }
+        report.docs = self.num_docs() as u64;
+        report.tokens = self.tokens.len() as u64;
+        report.label_tokens = self.label_tokens;
+        TokenStore {
+            tokens: Words::Owned(self.tokens),
+            offsets: Words::Owned(self.offsets),
+            labels: Words::Owned(self.label_bits),
+            report,
+            dir: None,
+        }
+    }
+}
+
 const TOKENS: &str = "tokens.u32";
 const OFFSETS: &str = "offsets.u64";
 const LABELS: &str = "labels.bits";
@@ -111,39 +172,15 @@ const META: &str = "meta.json";
 impl TokenStore {
     /// An in-memory store of these documents (empty ones included as given).
     pub fn from_documents(docs: &[Document]) -> Self {
-        let mut tokens = Vec::new();
-        let mut offsets = Vec::with_capacity(docs.len() + 1);
-        let mut label_bits = Vec::new();
-        offsets.push(0u64);
-        let mut label_tokens = 0u64;
+        let mut builder = StoreBuilder::default();
         for doc in docs {
-            for (i, &tok) in doc.tokens.iter().enumerate() {
-                let pos = tokens.len();
-                if pos / 8 >= label_bits.len() {
-                    label_bits.push(0u8);
-                }
-                if doc.is_label(i) {
-                    label_bits[pos / 8] |= 1 << (pos % 8);
-                    label_tokens += 1;
-                }
-                tokens.push(tok);
-            }
-            offsets.push(tokens.len() as u64);
+            builder.push(doc);
         }
         let report = DataReport {
             docs_read: docs.len() as u64,
-            docs: docs.len() as u64,
-            tokens: tokens.len() as u64,
-            label_tokens,
             ..Default::default()
         };
-        Self {
-            tokens: Words::Owned(tokens),
-            offsets: Words::Owned(offsets),
-            labels: Words::Owned(label_bits),
-            report,
-            dir: None,
-        }
+        builder.finish(report)
     }
 
     /// Replace the report (the builder knows what it skipped, split or dropped).
@@ -159,8 +196,12 @@ impl TokenStore {
             let p = dir.join(name);
             std::fs::write(&p, bytes).map_err(|e| DataError::io(&p, e))
         };
-        write(TOKENS, &le_bytes_u32(self.tokens.as_slice()))?;
-        write(OFFSETS, &le_bytes_u64(self.offsets.as_slice()))?;
+        write_le(&dir.join(TOKENS), self.tokens.as_slice(), u32::to_le_bytes)?;
+        write_le(
+            &dir.join(OFFSETS),
+            self.offsets.as_slice(),
+            u64::to_le_bytes,
+        )?;
         write(LABELS, self.labels.as_slice())?;
         let meta = serde_json::to_vec_pretty(&self.report).map_err(|e| DataError::Cache {
             path: dir.join(META),
@@ -268,12 +309,22 @@ impl TokenStore {
     }
 }
 
-fn le_bytes_u32(v: &[u32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-fn le_bytes_u64(v: &[u64]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+/// Write `words` little-endian to `path`, a chunk at a time (no second copy of the corpus).
+fn write_le<T: Copy, const N: usize>(
+    path: &Path,
+    words: &[T],
+    to_le: fn(T) -> [u8; N],
+) -> Result<(), DataError> {
+    use std::io::Write;
+    let f = File::create(path).map_err(|e| DataError::io(path, e))?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+    let mut buf = Vec::with_capacity(N * 16384);
+    for chunk in words.chunks(16384) {
+        buf.clear();
+        buf.extend(chunk.iter().flat_map(|&x| to_le(x)));
+        w.write_all(&buf).map_err(|e| DataError::io(path, e))?;
+    }
+    w.flush().map_err(|e| DataError::io(path, e))
 }
 
 #[cfg(test)]

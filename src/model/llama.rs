@@ -1,0 +1,629 @@
+//! The Llama model over one packed micro-batch, written once against [`Backend`].
+//!
+//! Shapes: T packed tokens (no batch dimension), C width, H/Hkv heads, D head dim,
+//! QKV = (H + 2 Hkv) D, F SwiGLU width, V vocabulary, L layers.
+//!
+//! ```text
+//! r0 = embed(tokens)
+//! layer l:  n1 = rmsnorm(r0) -> qkv = n1 Wqkv^T (+b) -> rope(q, k) -> att = attn(qkv | cu_seqlens)
+//!           r1 = r0 + att Wo^T -> n2 = rmsnorm(r1) -> gu = n2 Wgu^T -> s = silu(g) * u
+//!           r2 = r1 + s Wdown^T                         (r2 is the next layer's r0)
+//! nf = rmsnorm(r_L) -> loss_t = CE(nf Wlm^T, target_t)   (fused, chunked)
+//! ```
+//! The backward walks the same list in reverse; `dres` carries the residual-stream gradient
+//! and every rmsnorm backward adds into it.
+
+use crate::backend::{AttnDims, Backend, BackendError};
+use crate::config::ModelConfig;
+use crate::packing::PackedBatch;
+
+use super::params::ParamLayout;
+
+/// A packed batch on the device.
+pub struct DeviceBatch<B: Backend> {
+    pub tokens: B::IdxBuf,
+    pub targets: B::IdxBuf,
+    pub positions: B::IdxBuf,
+    pub cu_seqlens: B::IdxBuf,
+    /// Tokens T.
+    pub t: usize,
+    /// Documents N.
+    pub n_docs: usize,
+    pub max_seqlen: usize,
+    /// Tokens whose target is not ignored.
+    pub num_targets: usize,
+}
+
+impl<B: Backend> DeviceBatch<B> {
+    /// Buffers for batches of up to `capacity` tokens.
+    pub fn new(be: &B, capacity: usize) -> Result<Self, BackendError> {
+        Ok(Self {
+            tokens: be.alloc_idx(capacity)?,
+            targets: be.alloc_idx(capacity)?,
+            positions: be.alloc_idx(capacity)?,
+            cu_seqlens: be.alloc_idx(capacity + 1)?,
+            t: 0,
+            n_docs: 0,
+            max_seqlen: 0,
+            num_targets: 0,
+        })
+    }
+
+    /// Upload a host batch (it must fit the capacity).
+    pub fn upload(&mut self, be: &B, batch: &PackedBatch) -> Result<(), BackendError> {
+        let t = batch.tokens.len();
+        let tokens: Vec<i32> = batch.tokens.iter().map(|&x| x as i32).collect();
+        be.upload_idx(&mut self.tokens, &tokens)?;
+        be.upload_idx(&mut self.targets, &batch.targets)?;
+        be.upload_idx(&mut self.positions, &batch.position_ids)?;
+        be.upload_idx(&mut self.cu_seqlens, &batch.cu_seqlens)?;
+        self.t = t;
+        self.n_docs = batch.cu_seqlens.len().saturating_sub(1);
+        self.max_seqlen = batch.max_seqlen;
+        self.num_targets = batch.num_targets;
+        Ok(())
+    }
+}
+
+/// What one transformer block keeps for its backward.
+struct LayerActs<B: Backend> {
+    n1: B::Buf,
+    rstd1: B::Buf,
+    qkv: B::Buf,
+    att: B::Buf,
+    lse: B::Buf,
+    r1: B::Buf,
+    n2: B::Buf,
+    rstd2: B::Buf,
+    gate_up: B::Buf,
+    s: B::Buf,
+}
+
+impl<B: Backend> LayerActs<B> {
+    fn new(be: &B, cap: usize, m: &Dims) -> Result<Self, BackendError> {
+        Ok(Self {
+            n1: be.alloc(cap * m.c)?,
+            rstd1: be.alloc(cap)?,
+            qkv: be.alloc(cap * m.qkv)?,
+            att: be.alloc(cap * m.h * m.d)?,
+            lse: be.alloc(cap * m.h)?,
+            r1: be.alloc(cap * m.c)?,
+            n2: be.alloc(cap * m.c)?,
+            rstd2: be.alloc(cap)?,
+            gate_up: be.alloc(cap * 2 * m.f)?,
+            s: be.alloc(cap * m.f)?,
+        })
+    }
+}
+
+/// Gradient scratch shared by all layers.
+struct Scratch<B: Backend> {
+    dres: B::Buf,
+    dn: B::Buf,
+    dqkv: B::Buf,
+    datt: B::Buf,
+    dgate_up: B::Buf,
+    ds: B::Buf,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    v: usize,
+    c: usize,
+    h: usize,
+    hkv: usize,
+    d: usize,
+    qkv: usize,
+    f: usize,
+    eps: f32,
+}
+
+/// The model: parameters, their gradients, activation buffers for up to `capacity` tokens.
+pub struct Llama<B: Backend> {
+    pub config: ModelConfig,
+    pub layout: ParamLayout,
+    pub params: Vec<B::Buf>,
+    pub grads: Vec<B::Buf>,
+    dims: Dims,
+    capacity: usize,
+    recompute: bool,
+    inv_freq: B::Buf,
+    /// Input of each layer's residual stream (r0 of layer l), plus the final one.
+    residual: Vec<B::Buf>,
+    /// Per-layer activations (one shared set when recomputing).
+    acts: Vec<LayerActs<B>>,
+    nf: B::Buf,
+    rstd_f: B::Buf,
+    /// Per-token loss of the last forward.
+    losses: B::Buf,
+    scratch: Scratch<B>,
+}
+
+/// RoPE inverse frequencies `theta^(-2j/D)`, j < D/2.
+pub fn rope_inv_freq(theta: f64, d: usize) -> Vec<f32> {
+    (0..d / 2)
+        .map(|j| theta.powf(-((2 * j) as f64) / d as f64) as f32)
+        .collect()
+}
+
+/// RoPE inverse frequencies of a model: [`rope_inv_freq`] of its `rope_theta` and head dim,
+/// rescaled by `rope_scaling` when set (Llama 3.1's `llama3` scheme, formula in
+/// [`crate::config::RopeScaling`], computed as transformers does, in f64 here).
+pub fn rope_inv_freq_for(config: &ModelConfig) -> Vec<f32> {
+    let d = config.head_dim();
+    let base = (0..d / 2).map(|j| config.rope_theta.powf(-((2 * j) as f64) / d as f64));
+    let Some(r) = &config.rope_scaling else {
+        return base.map(|f| f as f32).collect();
+    };
+    let old_len = r.original_max_position_embeddings as f64;
+    let low_freq_wavelen = old_len / r.low_freq_factor;
+    let high_freq_wavelen = old_len / r.high_freq_factor;
+    base.map(|f| {
+        let wavelen = 2.0 * std::f64::consts::PI / f;
+        let scaled = if wavelen > low_freq_wavelen {
+            f / r.factor
+        } else if wavelen < high_freq_wavelen {
+            f
+        } else {
+            let s = (old_len / wavelen - r.low_freq_factor)
+                / (r.high_freq_factor - r.low_freq_factor);
+            (1.0 - s) * f / r.factor + s * f
+        };
+        scaled as f32
+    })
+    .collect()
+}
+
+impl<B: Backend> Llama<B> {
+    /// A model with the given host weights (in `ParamLayout` order), for batches of up to
+    /// `capacity` tokens.
+    pub fn new(
+        be: &B,
+        config: &ModelConfig,
+        weights: &[Vec<f32>],
+        capacity: usize,
+        recompute: bool,
+    ) -> Result<Self, BackendError> {
+        let layout = ParamLayout::new(config);
+        if weights.len() != layout.specs.len() {
+            return Err(BackendError::Shape {
+                op: "Llama::new",
+                message: format!(
+                    "{} weight tensors given, the layout has {}",
+                    weights.len(),
+                    layout.specs.len()
+                ),
+            });
+        }
+        let d = config.head_dim();
+        let dims = Dims {
+            v: config.vocab_size,
+            c: config.d_model,
+            h: config.n_heads,
+            hkv: config.n_kv_heads,
+            d,
+            qkv: (config.n_heads + 2 * config.n_kv_heads) * d,
+            f: config.ffn_dim,
+            eps: config.rms_norm_eps as f32,
+        };
+        let mut params = Vec::with_capacity(weights.len());
+        let mut grads = Vec::with_capacity(weights.len());
+        for (spec, w) in layout.specs.iter().zip(weights) {
+            if w.len() != spec.numel() {
+                return Err(BackendError::Shape {
+                    op: "Llama::new",
+                    message: format!(
+                        "{} has {} values, shape {:?} needs {}",
+                        spec.name,
+                        w.len(),
+                        spec.shape,
+                        spec.numel()
+                    ),
+                });
+            }
+            let mut p = be.alloc(w.len())?;
+            be.upload(&mut p, w)?;
+            params.push(p);
+            grads.push(be.alloc(w.len())?);
+        }
+        let mut inv_freq = be.alloc(d / 2)?;
+        be.upload(&mut inv_freq, &rope_inv_freq_for(config))?;
+        let cap = capacity.max(1);
+        let n_act_sets = if recompute { 1 } else { config.n_layers };
+        let residual = (0..=config.n_layers)
+            .map(|_| be.alloc(cap * dims.c))
+            .collect::<Result<_, _>>()?;
+        let acts = (0..n_act_sets)
+            .map(|_| LayerActs::new(be, cap, &dims))
+            .collect::<Result<_, _>>()?;
+        let scratch = Scratch {
+            dres: be.alloc(cap * dims.c)?,
+            dn: be.alloc(cap * dims.c)?,
+            dqkv: be.alloc(cap * dims.qkv)?,
+            datt: be.alloc(cap * dims.h * dims.d)?,
+            dgate_up: be.alloc(cap * 2 * dims.f)?,
+            ds: be.alloc(cap * dims.f)?,
+        };
+        Ok(Self {
+            config: config.clone(),
+            layout,
+            params,
+            grads,
+            dims,
+            capacity: cap,
+            recompute,
+            inv_freq,
+            residual,
+            acts,
+            nf: be.alloc(cap * dims.c)?,
+            rstd_f: be.alloc(cap)?,
+            losses: be.alloc(cap)?,
+            scratch,
+        })
+    }
+
+    /// Largest batch (tokens) this model's buffers hold.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    fn attn_dims(&self, batch: &DeviceBatch<B>) -> AttnDims {
+        AttnDims {
+            t: batch.t,
+            h: self.dims.h,
+            hkv: self.dims.hkv,
+            d: self.dims.d,
+            n_docs: batch.n_docs,
+            max_seqlen: batch.max_seqlen,
+        }
+    }
+
+    fn check_capacity(&self, batch: &DeviceBatch<B>) -> Result<(), BackendError> {
+        if batch.t > self.capacity {
+            return Err(BackendError::Shape {
+                op: "Llama",
+                message: format!(
+                    "batch of {} tokens exceeds the model's capacity {}",
+                    batch.t, self.capacity
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Forward of layer `l` from `residual[l]` into `residual[l + 1]`, keeping its activations
+    /// in `acts[slot]`.
+    fn layer_forward(
+        &mut self,
+        be: &B,
+        l: usize,
+        slot: usize,
+        batch: &DeviceBatch<B>,
+    ) -> Result<(), BackendError> {
+        let m = self.dims;
+        let t = batch.t;
+        let p = self.layout.layers[l];
+        let ad = self.attn_dims(batch);
+        let (before, after) = self.residual.split_at_mut(l + 1);
+        let r0 = &before[l];
+        let r2 = &mut after[0];
+        let a = &mut self.acts[slot];
+        be.rmsnorm_forward(
+            &mut a.n1,
+            &mut a.rstd1,
+            r0,
+            &self.params[p.ln1],
+            t,
+            m.c,
+            m.eps,
+        )?;
+        let bias = p.bqkv.map(|b| &self.params[b]);
+        be.matmul_forward(&mut a.qkv, &a.n1, &self.params[p.wqkv], bias, t, m.c, m.qkv)?;
+        be.rope_forward(&mut a.qkv, &batch.positions, &self.inv_freq, ad)?;
+        be.attention_forward(&mut a.att, &mut a.lse, &a.qkv, &batch.cu_seqlens, ad)?;
+        // r1 = r0 + att Wo^T: the projection lands in r1, then the residual is added.
+        be.matmul_forward(
+            &mut a.r1,
+            &a.att,
+            &self.params[p.wo],
+            None,
+            t,
+            m.h * m.d,
+            m.c,
+        )?;
+        be.add_inplace(&mut a.r1, r0, t * m.c)?;
+        be.rmsnorm_forward(
+            &mut a.n2,
+            &mut a.rstd2,
+            &a.r1,
+            &self.params[p.ln2],
+            t,
+            m.c,
+            m.eps,
+        )?;
+        be.matmul_forward(
+            &mut a.gate_up,
+            &a.n2,
+            &self.params[p.wgate_up],
+            None,
+            t,
+            m.c,
+            2 * m.f,
+        )?;
+        be.swiglu_forward(&mut a.s, &a.gate_up, t, m.f)?;
+        be.matmul_forward(r2, &a.s, &self.params[p.wdown], None, t, m.f, m.c)?;
+        be.add_inplace(r2, &a.r1, t * m.c)?;
+        Ok(())
+    }
+
+    /// Forward through every layer and the loss. Per-token losses are kept (see
+    /// [`Llama::token_losses`]); returns their sum (unscaled).
+    pub fn forward(&mut self, be: &B, batch: &DeviceBatch<B>) -> Result<f64, BackendError> {
+        self.forward_inner(be, batch, None)
+    }
+
+    fn forward_inner(
+        &mut self,
+        be: &B,
+        batch: &DeviceBatch<B>,
+        loss_scale: Option<f32>,
+    ) -> Result<f64, BackendError> {
+        self.check_capacity(batch)?;
+        let m = self.dims;
+        let t = batch.t;
+        be.embedding_forward(
+            &mut self.residual[0],
+            &batch.tokens,
+            &self.params[self.layout.embed],
+            t,
+            m.c,
+        )?;
+        for l in 0..self.layout.layers.len() {
+            let slot = if self.recompute { 0 } else { l };
+            self.layer_forward(be, l, slot, batch)?;
+        }
+        let last = self.layout.layers.len();
+        be.rmsnorm_forward(
+            &mut self.nf,
+            &mut self.rstd_f,
+            &self.residual[last],
+            &self.params[self.layout.ln_f],
+            t,
+            m.c,
+            m.eps,
+        )?;
+        let lm = self.layout.lm_head;
+        match loss_scale {
+            None => be.classifier(
+                &mut self.losses,
+                None,
+                &self.nf,
+                &self.params[lm],
+                &batch.targets,
+                0.0,
+                t,
+                m.c,
+                m.v,
+            )?,
+            Some(scale) => {
+                // dnf lands in scratch.dn; the lm_head gradient accumulates into its grad.
+                let (dn, dw) = (&mut self.scratch.dn, &mut self.grads[lm]);
+                be.classifier(
+                    &mut self.losses,
+                    Some((dn, dw)),
+                    &self.nf,
+                    &self.params[lm],
+                    &batch.targets,
+                    scale,
+                    t,
+                    m.c,
+                    m.v,
+                )?
+            }
+        }
+        let losses = be.download(&self.losses, t)?;
+        Ok(losses.iter().map(|&x| x as f64).sum())
+    }
+
+    /// Per-token losses of the last forward (0 at ignored targets).
+    pub fn token_losses(&self, be: &B, t: usize) -> Result<Vec<f32>, BackendError> {
+        be.download(&self.losses, t)
+    }
+
+    /// Forward and backward of one micro-batch: gradients of `loss_scale * sum_t loss_t` are
+    /// *added* to `grads` (so micro-steps accumulate; call [`Llama::zero_grads`] per step).
+    /// Returns the unscaled loss sum.
+    pub fn forward_backward(
+        &mut self,
+        be: &B,
+        batch: &DeviceBatch<B>,
+        loss_scale: f32,
+    ) -> Result<f64, BackendError> {
+        let loss_sum = self.forward_inner(be, batch, Some(loss_scale))?;
+        let m = self.dims;
+        let t = batch.t;
+        let n_layers = self.layout.layers.len();
+
+        // Final norm: dres = d r_L.
+        be.zero(&mut self.scratch.dres, t * m.c)?;
+        be.rmsnorm_backward(
+            &mut self.scratch.dres,
+            &mut self.grads[self.layout.ln_f],
+            &self.scratch.dn,
+            &self.residual[n_layers],
+            &self.params[self.layout.ln_f],
+            &self.rstd_f,
+            t,
+            m.c,
+        )?;
+        for l in (0..n_layers).rev() {
+            let slot = if self.recompute {
+                self.layer_forward(be, l, 0, batch)?;
+                0
+            } else {
+                l
+            };
+            self.layer_backward(be, l, slot, batch)?;
+        }
+        be.embedding_backward(
+            &mut self.grads[self.layout.embed],
+            &self.scratch.dres,
+            &batch.tokens,
+            t,
+            m.c,
+        )?;
+        Ok(loss_sum)
+    }
+
+    /// Backward of layer `l`: on entry `dres` = d r2, on exit d r0; weight grads +=.
+    fn layer_backward(
+        &mut self,
+        be: &B,
+        l: usize,
+        slot: usize,
+        batch: &DeviceBatch<B>,
+    ) -> Result<(), BackendError> {
+        let m = self.dims;
+        let t = batch.t;
+        let p = self.layout.layers[l];
+        let ad = self.attn_dims(batch);
+        let a = &self.acts[slot];
+        let s = &mut self.scratch;
+        let g = &mut self.grads;
+        let w = &self.params;
+
+        // r2 = r1 + s Wdown^T
+        be.zero(&mut s.ds, t * m.f)?;
+        be.matmul_backward(
+            &mut s.ds,
+            &mut g[p.wdown],
+            None,
+            &s.dres,
+            &a.s,
+            &w[p.wdown],
+            t,
+            m.f,
+            m.c,
+        )?;
+        be.swiglu_backward(&mut s.dgate_up, &s.ds, &a.gate_up, t, m.f)?;
+        be.zero(&mut s.dn, t * m.c)?;
+        be.matmul_backward(
+            &mut s.dn,
+            &mut g[p.wgate_up],
+            None,
+            &s.dgate_up,
+            &a.n2,
+            &w[p.wgate_up],
+            t,
+            m.c,
+            2 * m.f,
+        )?;
+        // dres += rmsnorm'(dn2): now dres = d r1.
+        be.rmsnorm_backward(
+            &mut s.dres,
+            &mut g[p.ln2],
+            &s.dn,
+            &a.r1,
+            &w[p.ln2],
+            &a.rstd2,
+            t,
+            m.c,
+        )?;
+
+        // r1 = r0 + att Wo^T
+        be.zero(&mut s.datt, t * m.h * m.d)?;
+        be.matmul_backward(
+            &mut s.datt,
+            &mut g[p.wo],
+            None,
+            &s.dres,
+            &a.att,
+            &w[p.wo],
+            t,
+            m.h * m.d,
+            m.c,
+        )?;
+        be.attention_backward(
+            &mut s.dqkv,
+            &s.datt,
+            &a.qkv,
+            &a.att,
+            &a.lse,
+            &batch.cu_seqlens,
+            ad,
+        )?;
+        be.rope_backward(&mut s.dqkv, &batch.positions, &self.inv_freq, ad)?;
+        be.zero(&mut s.dn, t * m.c)?;
+        match p.bqkv {
+            Some(b) => {
+                // Two disjoint grads of the same list: split the borrow.
+                let (lo, hi) = g.split_at_mut(b.max(p.wqkv));
+                let (dw, db) = if p.wqkv < b {
+                    (&mut lo[p.wqkv], &mut hi[0])
+                } else {
+                    (&mut hi[0], &mut lo[b])
+                };
+                be.matmul_backward(
+                    &mut s.dn,
+                    dw,
+                    Some(db),
+                    &s.dqkv,
+                    &a.n1,
+                    &w[p.wqkv],
+                    t,
+                    m.c,
+                    m.qkv,
+                )?;
+            }
+            None => be.matmul_backward(
+                &mut s.dn,
+                &mut g[p.wqkv],
+                None,
+                &s.dqkv,
+                &a.n1,
+                &w[p.wqkv],
+                t,
+                m.c,
+                m.qkv,
+            )?,
+        }
+        // dres += rmsnorm'(dn1): now dres = d r0.
+        be.rmsnorm_backward(
+            &mut s.dres,
+            &mut g[p.ln1],
+            &s.dn,
+            &self.residual[l],
+            &w[p.ln1],
+            &a.rstd1,
+            t,
+            m.c,
+        )?;
+        Ok(())
+    }
+
+    /// Zero every gradient (start of an optimizer step).
+    pub fn zero_grads(&mut self, be: &B) -> Result<(), BackendError> {
+        for (g, spec) in self.grads.iter_mut().zip(&self.layout.specs) {
+            be.zero(g, spec.numel())?;
+        }
+        Ok(())
+    }
+
+    /// Host copies of the parameters, in layout order.
+    pub fn weights_to_host(&self, be: &B) -> Result<Vec<Vec<f32>>, BackendError> {
+        self.params
+            .iter()
+            .zip(&self.layout.specs)
+            .map(|(p, s)| be.download(p, s.numel()))
+            .collect()
+    }
+
+    /// Host copies of the gradients, in layout order.
+    pub fn grads_to_host(&self, be: &B) -> Result<Vec<Vec<f32>>, BackendError> {
+        self.grads
+            .iter()
+            .zip(&self.layout.specs)
+            .map(|(p, s)| be.download(p, s.numel()))
+            .collect()
+    }
+}

@@ -1,0 +1,322 @@
+//! Weights in safetensors under Hugging Face names: the fused `qkv_proj` and `gate_up_proj`
+//! are split into `q_proj`/`k_proj`/`v_proj` and `gate_proj`/`up_proj` on save and joined on
+//! load, so a checkpoint's tensors are those transformers' `LlamaForCausalLM` expects.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+
+use crate::config::ModelConfig;
+
+use super::params::ParamLayout;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WeightsError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a safetensors file: {message}")]
+    Format { path: PathBuf, message: String },
+    #[error("{path}: tensor {name} is missing")]
+    Missing { path: PathBuf, name: String },
+    #[error("{path}: tensor {name} has shape {found:?}, the model needs {expected:?}")]
+    Shape {
+        path: PathBuf,
+        name: String,
+        found: Vec<usize>,
+        expected: Vec<usize>,
+    },
+    #[error("{path}: tensor {name} has dtype {dtype}; supported: F32, BF16, F16")]
+    Dtype {
+        path: PathBuf,
+        name: String,
+        dtype: String,
+    },
+}
+
+/// A named host tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+fn split_rows(
+    name_of: impl Fn(&str) -> String,
+    pieces: &[(&str, usize)],
+    cols: usize,
+    data: &[f32],
+) -> Vec<HostTensor> {
+    let mut row = 0;
+    pieces
+        .iter()
+        .map(|&(piece, rows)| {
+            let t = HostTensor {
+                name: name_of(piece),
+                shape: if cols == 1 {
+                    vec![rows]
+                } else {
+                    vec![rows, cols]
+                },
+                data: data[row * cols..(row + rows) * cols].to_vec(),
+            };
+            row += rows;
+            t
+        })
+        .collect()
+}
+
+/// The pieces a fused tensor splits into: (HF name suffix, rows).
+fn pieces(cfg: &ModelConfig, fused_name: &str) -> Option<Vec<(String, usize)>> {
+    let d = cfg.head_dim();
+    let (h, hkv, f) = (cfg.n_heads, cfg.n_kv_heads, cfg.ffn_dim);
+    let (prefix, kind) = fused_name.rsplit_once('.')?; // kind: weight | bias
+    if let Some(p) = prefix.strip_suffix("qkv_proj") {
+        return Some(vec![
+            (format!("{p}q_proj.{kind}"), h * d),
+            (format!("{p}k_proj.{kind}"), hkv * d),
+            (format!("{p}v_proj.{kind}"), hkv * d),
+        ]);
+    }
+    if let Some(p) = prefix.strip_suffix("gate_up_proj") {
+        return Some(vec![
+            (format!("{p}gate_proj.{kind}"), f),
+            (format!("{p}up_proj.{kind}"), f),
+        ]);
+    }
+    None
+}
+
+/// Our tensors (layout order) as HF-named tensors.
+pub fn to_hf(layout: &ParamLayout, cfg: &ModelConfig, weights: &[Vec<f32>]) -> Vec<HostTensor> {
+    let mut out = Vec::new();
+    for (spec, data) in layout.specs.iter().zip(weights) {
+        match pieces(cfg, &spec.name) {
+            Some(ps) => {
+                let cols = if spec.shape.len() == 2 {
+                    spec.shape[1]
+                } else {
+                    1
+                };
+                let named: Vec<(&str, usize)> = ps.iter().map(|(n, r)| (n.as_str(), *r)).collect();
+                out.extend(split_rows(|n| n.to_string(), &named, cols, data));
+            }
+            None => out.push(HostTensor {
+                name: spec.name.clone(),
+                shape: spec.shape.clone(),
+                data: data.clone(),
+            }),
+        }
+    }
+    out
+}
+
+/// Our tensors (layout order) from HF-named ones; `get(name)` gives (shape, values).
+pub fn from_hf(
+    layout: &ParamLayout,
+    cfg: &ModelConfig,
+    path: &Path,
+    get: &dyn Fn(&str) -> Option<Result<(Vec<usize>, Vec<f32>), WeightsError>>,
+) -> Result<Vec<Vec<f32>>, WeightsError> {
+    let fetch = |name: &str, expected: Vec<usize>| -> Result<Vec<f32>, WeightsError> {
+        let (shape, data) = get(name).ok_or_else(|| WeightsError::Missing {
+            path: path.to_path_buf(),
+            name: name.to_string(),
+        })??;
+        if shape != expected {
+            return Err(WeightsError::Shape {
+                path: path.to_path_buf(),
+                name: name.to_string(),
+                found: shape,
+                expected,
+            });
+        }
+        Ok(data)
+    };
+    layout
+        .specs
+        .iter()
+        .map(|spec| match pieces(cfg, &spec.name) {
+            Some(ps) => {
+                let mut data = Vec::with_capacity(spec.numel());
+                for (name, rows) in ps {
+                    let shape = if spec.shape.len() == 2 {
+                        vec![rows, spec.shape[1]]
+                    } else {
+                        vec![rows]
+                    };
+                    data.extend(fetch(&name, shape)?);
+                }
+                Ok(data)
+            }
+            None => fetch(&spec.name, spec.shape.clone()),
+        })
+        .collect()
+}
+
+/// Write tensors as one f32 safetensors file, atomically (temporary name, then rename).
+pub fn save_safetensors(path: &Path, tensors: &[HostTensor]) -> Result<(), WeightsError> {
+    let io = |source| WeightsError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|t| t.data.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    let views = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|(t, b)| {
+            TensorView::new(Dtype::F32, t.shape.clone(), b)
+                .map(|v| (t.name.clone(), v))
+                .map_err(|e| WeightsError::Format {
+                    path: path.to_path_buf(),
+                    message: format!("{}: {e}", t.name),
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let data = safetensors::serialize(views, None).map_err(|e| WeightsError::Format {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let tmp = path.with_extension("safetensors.tmp");
+    std::fs::write(&tmp, data).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// Read every tensor of a safetensors file (F32, BF16 or F16) as f32.
+pub fn load_safetensors(path: &Path) -> Result<BTreeMap<String, HostTensor>, WeightsError> {
+    let bytes = std::fs::read(path).map_err(|source| WeightsError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| WeightsError::Format {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let mut out = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let raw = view.data();
+        let data: Vec<f32> = match view.dtype() {
+            Dtype::F32 => raw
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Dtype::BF16 => raw
+                .chunks_exact(2)
+                .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
+                .collect(),
+            Dtype::F16 => raw
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(WeightsError::Dtype {
+                    path: path.to_path_buf(),
+                    name,
+                    dtype: format!("{other:?}"),
+                })
+            }
+        };
+        out.insert(
+            name.clone(),
+            HostTensor {
+                name,
+                shape: view.shape().to_vec(),
+                data,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// Save a model's weights (layout order) under HF names.
+pub fn save_model(
+    path: &Path,
+    layout: &ParamLayout,
+    cfg: &ModelConfig,
+    weights: &[Vec<f32>],
+) -> Result<(), WeightsError> {
+    save_safetensors(path, &to_hf(layout, cfg, weights))
+}
+
+/// Load a model's weights (layout order) from HF-named safetensors.
+pub fn load_model(
+    path: &Path,
+    layout: &ParamLayout,
+    cfg: &ModelConfig,
+) -> Result<Vec<Vec<f32>>, WeightsError> {
+    let tensors = load_safetensors(path)?;
+    from_hf(layout, cfg, path, &|name| {
+        tensors
+            .get(name)
+            .map(|t| Ok((t.shape.clone(), t.data.clone())))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn save_and_load_round_trip_exactly() {
+        let cfg = ModelConfig {
+            qkv_bias: true,
+            tie_embeddings: false,
+            ..ModelConfig::default()
+        };
+        let layout = ParamLayout::new(&cfg);
+        let w = layout.init(&cfg, 3);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        save_model(&path, &layout, &cfg, &w).unwrap();
+        let names: Vec<String> = load_safetensors(&path).unwrap().into_keys().collect();
+        assert!(names.contains(&"model.layers.0.self_attn.k_proj.weight".to_string()));
+        assert!(names.contains(&"model.layers.3.mlp.up_proj.weight".to_string()));
+        assert!(names.contains(&"model.layers.1.self_attn.v_proj.bias".to_string()));
+        assert!(names.contains(&"lm_head.weight".to_string()));
+        assert_eq!(load_model(&path, &layout, &cfg).unwrap(), w);
+    }
+
+    #[test]
+    fn missing_tensor_and_wrong_shape_are_named() {
+        let cfg = ModelConfig::default();
+        let layout = ParamLayout::new(&cfg);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        let mut t = to_hf(&layout, &cfg, &layout.init(&cfg, 1));
+        t.retain(|x| x.name != "model.norm.weight");
+        save_safetensors(&path, &t).unwrap();
+        let e = load_model(&path, &layout, &cfg).unwrap_err().to_string();
+        assert!(
+            e.contains("model.norm.weight") && e.contains("missing"),
+            "{e}"
+        );
+
+        let bigger = ModelConfig {
+            d_model: 256,
+            ..cfg.clone()
+        };
+        let e = load_model(&path, &ParamLayout::new(&bigger), &bigger)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("shape"), "{e}");
+    }
+
+    #[test]
+    fn not_a_safetensors_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("junk.safetensors");
+        std::fs::write(&path, b"hello").unwrap();
+        assert!(matches!(
+            load_safetensors(&path),
+            Err(WeightsError::Format { .. })
+        ));
+    }
+}

@@ -783,17 +783,26 @@ mod tests {
                     high_freq_factor = 4.0\noriginal_max_position_embeddings = 8192\n";
         let c = Config::parse(text).unwrap();
         let r = c.model.rope_scaling.clone().unwrap();
-        assert_eq!((r.kind, r.factor, r.original_max_position_embeddings), (RopeScalingKind::Llama3, 8.0, 8192));
+        assert_eq!(
+            (r.kind, r.factor, r.original_max_position_embeddings),
+            (RopeScalingKind::Llama3, 8.0, 8192)
+        );
         assert_eq!(Config::parse(&c.to_toml()).unwrap(), c);
         assert!(!Config::default().to_toml().contains("rope_scaling"));
         for (bad, key) in [
             ("factor = 8.0", "factor = 0.5"),
             ("high_freq_factor = 4.0", "high_freq_factor = 1.0"),
-            ("original_max_position_embeddings = 8192", "original_max_position_embeddings = 0"),
+            (
+                "original_max_position_embeddings = 8192",
+                "original_max_position_embeddings = 0",
+            ),
         ] {
             let e = err(&text.replace(bad, key));
             let name = key.split(' ').next().unwrap();
-            assert!(e.starts_with(&format!("model.rope_scaling.{name} = ")), "{e}");
+            assert!(
+                e.starts_with(&format!("model.rope_scaling.{name} = ")),
+                "{e}"
+            );
         }
         let e = err(&text.replace("'llama3'", "'yarn'"));
         assert!(e.contains("yarn") && e.contains("llama3"), "{e}");
@@ -805,8 +814,13 @@ mod tests {
         let e = err(base);
         assert!(e.starts_with("data.chat_template = (unset):"), "{e}");
         let e = err(&format!("{base}chat_template = '{{@user}}{{content}}'\n"));
-        assert!(e.starts_with("data.chat_template = ") && e.contains("assistant"), "{e}");
-        let ok = format!("{base}chat_template = '{{@user}}U: {{content}}\\n{{@assistant}}A: {{content}}</s>'\n");
+        assert!(
+            e.starts_with("data.chat_template = ") && e.contains("assistant"),
+            "{e}"
+        );
+        let ok = format!(
+            "{base}chat_template = '{{@user}}U: {{content}}\\n{{@assistant}}A: {{content}}</s>'\n"
+        );
         let c = Config::parse(&ok).unwrap();
         assert_eq!(c.data.format, DataFormat::Chat);
         assert_eq!(Config::parse(&c.to_toml()).unwrap(), c);

@@ -8,7 +8,12 @@ use packtrain::dist::SingleProcess;
 use packtrain::model::weights::load_safetensors;
 use packtrain::train::{self, checkpoint, TrainOptions};
 
-fn opts(config: Config, run_dir: std::path::PathBuf, resume: bool, stop_after: Option<u64>) -> TrainOptions {
+fn opts(
+    config: Config,
+    run_dir: std::path::PathBuf,
+    resume: bool,
+    stop_after: Option<u64>,
+) -> TrainOptions {
     TrainOptions {
         config,
         resume: resume.then(|| run_dir.clone()),
@@ -34,19 +39,35 @@ fn resume_continues_exactly() {
     let mut c = small_run_config(&dir.path().join("cache"));
     c.train.max_steps = 8;
     let straight = dir.path().join("straight");
-    train::train(&opts(c.clone(), straight.clone(), false, None), &SingleProcess).unwrap();
+    train::train(
+        &opts(c.clone(), straight.clone(), false, None),
+        &SingleProcess,
+    )
+    .unwrap();
 
     let split = dir.path().join("split");
-    let first = train::train(&opts(c.clone(), split.clone(), false, Some(4)), &SingleProcess).unwrap();
+    let first = train::train(
+        &opts(c.clone(), split.clone(), false, Some(4)),
+        &SingleProcess,
+    )
+    .unwrap();
     assert_eq!(first.steps, 4);
     let second = train::train(&opts(c, split.clone(), true, None), &SingleProcess).unwrap();
     assert_eq!(second.steps, 4);
 
-    assert_eq!(final_weights(&straight), final_weights(&split), "weights must match bitwise");
+    assert_eq!(
+        final_weights(&straight),
+        final_weights(&split),
+        "weights must match bitwise"
+    );
     let curve = |d: &std::path::Path| std::fs::read_to_string(d.join("metrics.jsonl")).unwrap();
     let losses = |s: String| -> Vec<f64> {
         s.lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                    .as_f64()
+                    .unwrap()
+            })
             .collect()
     };
     assert_eq!(losses(curve(&straight)), losses(curve(&split)));
@@ -61,7 +82,10 @@ fn resume_under_a_different_model_is_refused() {
     let run = dir.path().join("run");
     train::train(&opts(c.clone(), run.clone(), false, None), &SingleProcess).unwrap();
     c.model.ffn_dim = 96;
-    let e = train::train(&opts(c, run, true, None), &SingleProcess).err().unwrap().to_string();
+    let e = train::train(&opts(c, run, true, None), &SingleProcess)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("[model]") || e.contains("shape"), "{e}");
 }
 
@@ -83,7 +107,11 @@ fn overfits_a_handful_of_documents() {
     c.train.min_lr_ratio = 0.5;
     let run = dir.path().join("run");
     let s = train::train(&opts(c, run, false, None), &SingleProcess).unwrap();
-    assert!(s.first_loss > 3.0, "starts near ln(64) = 4.16, got {}", s.first_loss);
+    assert!(
+        s.first_loss > 3.0,
+        "starts near ln(64) = 4.16, got {}",
+        s.first_loss
+    );
     assert!(s.final_loss < 0.1, "final loss {}", s.final_loss);
 }
 
@@ -96,13 +124,28 @@ fn a_run_writes_its_outputs_and_learns() {
     c.train.epochs = 3;
     let run = dir.path().join("run");
     let s = train::train(&opts(c.clone(), run.clone(), false, None), &SingleProcess).unwrap();
-    assert_eq!(Config::load(&run.join("config.toml")).unwrap().model, c.model);
+    assert_eq!(
+        Config::load(&run.join("config.toml")).unwrap().model,
+        c.model
+    );
     let lines = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     assert_eq!(lines.lines().count() as u64, s.steps);
     for key in ["step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"] {
-        assert!(lines.lines().next().unwrap().contains(&format!("\"{key}\"")), "{key}");
+        assert!(
+            lines
+                .lines()
+                .next()
+                .unwrap()
+                .contains(&format!("\"{key}\"")),
+            "{key}"
+        );
     }
     assert!(run.join("loss.png").metadata().unwrap().len() > 1000);
     assert!(checkpoint::resolve(&run).is_ok());
-    assert!(s.final_loss < s.first_loss - 0.5, "{} -> {}", s.first_loss, s.final_loss);
+    assert!(
+        s.final_loss < s.first_loss - 0.5,
+        "{} -> {}",
+        s.first_loss,
+        s.final_loss
+    );
 }

@@ -64,9 +64,41 @@ pub struct EvalArgs {
     /// Dtype of --save [default: the checkpoint's]: f32, bf16, f16.
     #[arg(long, value_name = "DTYPE")]
     pub save_dtype: Option<SaveDtype>,
-    /// Shard size of --save in MB (10^6 bytes).
-    #[arg(long, value_name = "MB", default_value_t = 5000)]
-    pub save_shard_mb: u64,
+    /// Largest shard of --save, as transformers' `max_shard_size`: bytes, or a number with
+    /// KB, MB, GB (powers of 1000) or KiB, MiB, GiB.
+    #[arg(long, value_name = "SIZE", default_value = "5GB", value_parser = parse_size)]
+    pub save_max_shard_size: u64,
+}
+
+/// `"5GB"`, `"100KB"`, `"2MiB"`, `"123"` as bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let scale: f64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "KIB" => 1024.0,
+        "MIB" => 1024.0 * 1024.0,
+        "GIB" => 1024.0 * 1024.0 * 1024.0,
+        _ => {
+            return Err(format!(
+                "unknown unit in {s:?}; use B, KB, MB, GB, KiB, MiB or GiB"
+            ))
+        }
+    };
+    let x: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 5GB or 100KB"))?;
+    let bytes = x * scale;
+    if !(bytes >= 1.0 && bytes < u64::MAX as f64) {
+        return Err(format!("{s:?}: the size must be at least 1 byte"));
+    }
+    Ok(bytes as u64)
 }
 
 /// The loss of one document.
@@ -251,7 +283,13 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
     )?;
     let budget = args.tokens_per_batch.max(longest).max(1);
     let be = CpuBackend::new();
-    let mut model = Llama::new(&be, model_files.config(), &model_files.weights, budget, false)?;
+    let mut model = Llama::new(
+        &be,
+        model_files.config(),
+        &model_files.weights,
+        budget,
+        false,
+    )?;
     let losses = document_losses(&be, &mut model, &store, budget)?;
 
     let mut sink: Box<dyn Write> = match &args.out {
@@ -282,7 +320,7 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
         if let Some(dt) = args.save_dtype {
             opts.dtype = dt;
         }
-        opts.max_shard_bytes = args.save_shard_mb.saturating_mul(1_000_000).max(1);
+        opts.max_shard_bytes = args.save_max_shard_size;
         hf::save_dir(out, model_files.config(), &model_files.weights, &opts)?;
         tracing::info!(dir = %out.display(), dtype = opts.dtype.torch_name(), "model saved");
     }
@@ -303,12 +341,28 @@ mod tests {
     }
 
     #[test]
+    fn sizes_parse_like_transformers() {
+        assert_eq!(parse_size("5GB"), Ok(5_000_000_000));
+        assert_eq!(parse_size("100KB"), Ok(100_000));
+        assert_eq!(parse_size("2MiB"), Ok(2 << 20));
+        assert_eq!(parse_size("0.5 MB"), Ok(500_000));
+        assert_eq!(parse_size("123"), Ok(123));
+        assert!(parse_size("5 parsecs")
+            .unwrap_err()
+            .contains("unknown unit"));
+        assert!(parse_size("GB").is_err() && parse_size("0").is_err());
+    }
+
+    #[test]
     fn format_is_detected_from_keys() {
         let dir = tempfile::tempdir().unwrap();
         for (line, want) in [
             (r#"{"messages": []}"#, DataFormat::Chat),
             (r#"{"input_ids": [1]}"#, DataFormat::Tokens),
-            (r#"{"prompt": "a", "completion": "b"}"#, DataFormat::PromptCompletion),
+            (
+                r#"{"prompt": "a", "completion": "b"}"#,
+                DataFormat::PromptCompletion,
+            ),
             (r#"{"text": "a"}"#, DataFormat::Text),
         ] {
             let p = dir.path().join("d.jsonl");

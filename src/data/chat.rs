@@ -85,7 +85,8 @@ impl ChatTemplate {
             let Some((role, prefix, suffix)) = cur else {
                 return Ok(());
             };
-            let suffix = suffix.ok_or_else(|| ChatTemplateError::NoContent { role: role.clone() })?;
+            let suffix =
+                suffix.ok_or_else(|| ChatTemplateError::NoContent { role: role.clone() })?;
             if sections.iter().any(|s| s.role == role) {
                 return Err(ChatTemplateError::DuplicateRole { role });
             }
@@ -316,8 +317,10 @@ mod tests {
 
     #[test]
     fn template_parses_into_sections() {
-        let t = ChatTemplate::parse("<s>{@system}S{content}\n{@user}U{{x}}{content}!{@assistant}A{content}</s>")
-            .unwrap();
+        let t = ChatTemplate::parse(
+            "<s>{@system}S{content}\n{@user}U{{x}}{content}!{@assistant}A{content}</s>",
+        )
+        .unwrap();
         assert_eq!(t.preamble, "<s>");
         assert_eq!(t.roles(), vec!["system", "user", "assistant"]);
         assert_eq!(t.sections[1].prefix, "U{x}");
@@ -330,11 +333,35 @@ mod tests {
         use ChatTemplateError as E;
         for (t, want) in [
             ("{@user}{content}", E::NoAssistant),
-            ("{@assistant}x", E::NoContent { role: "assistant".into() }),
-            ("{@assistant}{content}{content}", E::TwoContents { role: "assistant".into() }),
-            ("{@assistant}{content}{@assistant}{content}", E::DuplicateRole { role: "assistant".into() }),
-            ("{content}{@assistant}{content}", E::ContentInPreamble { at: 0 }),
-            ("{@assistant}{role}{content}", E::UnknownPlaceholder { name: "role".into(), at: 12 }),
+            (
+                "{@assistant}x",
+                E::NoContent {
+                    role: "assistant".into(),
+                },
+            ),
+            (
+                "{@assistant}{content}{content}",
+                E::TwoContents {
+                    role: "assistant".into(),
+                },
+            ),
+            (
+                "{@assistant}{content}{@assistant}{content}",
+                E::DuplicateRole {
+                    role: "assistant".into(),
+                },
+            ),
+            (
+                "{content}{@assistant}{content}",
+                E::ContentInPreamble { at: 0 },
+            ),
+            (
+                "{@assistant}{role}{content}",
+                E::UnknownPlaceholder {
+                    name: "role".into(),
+                    at: 12,
+                },
+            ),
             ("{@assistant}{content", E::Unclosed { at: 12 }),
             ("{@assistant}{content}}", E::LoneClose { at: 21 }),
             ("{@}{@assistant}{content}", E::EmptyRole { at: 0 }),
@@ -345,20 +372,41 @@ mod tests {
 
     #[test]
     fn render_marks_assistant_content_and_end_marker() {
-        let t = ChatTemplate::parse("<s>{@user}[U]{content}\n{@assistant}[A]{content}<e>\n").unwrap();
+        let t =
+            ChatTemplate::parse("<s>{@user}[U]{content}\n{@assistant}[A]{content}<e>\n").unwrap();
         let (text, spans) = t
             .render(&[
-                Message { role: "user", content: "hi" },
-                Message { role: "assistant", content: "yo" },
-                Message { role: "user", content: "q" },
-                Message { role: "assistant", content: "" },
+                Message {
+                    role: "user",
+                    content: "hi",
+                },
+                Message {
+                    role: "assistant",
+                    content: "yo",
+                },
+                Message {
+                    role: "user",
+                    content: "q",
+                },
+                Message {
+                    role: "assistant",
+                    content: "",
+                },
             ])
             .unwrap();
         assert_eq!(text, "<s>[U]hi\n[A]yo<e>\n[U]q\n[A]<e>\n");
         let labelled: Vec<&str> = spans.iter().map(|s| &text[s.clone()]).collect();
         assert_eq!(labelled, vec!["yo<e>\n", "<e>\n"]);
-        let e = t.render(&[Message { role: "tool", content: "x" }]).unwrap_err();
-        assert!(e.contains("\"tool\"") && e.contains("user, assistant"), "{e}");
+        let e = t
+            .render(&[Message {
+                role: "tool",
+                content: "x",
+            }])
+            .unwrap_err();
+        assert!(
+            e.contains("\"tool\"") && e.contains("user, assistant"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -383,13 +431,27 @@ mod tests {
         for (line, want) in [
             (r#"{"messages": "hi"}"#, "field `messages` must be an array"),
             (r#"{"msgs": []}"#, "missing field `messages`"),
-            (r#"{"messages": [{"role": "user"}]}"#, "[0] has no `content`"),
-            (r#"{"messages": [{"role": 1, "content": "x"}]}"#, "[0].role must be a string, found a number"),
+            (
+                r#"{"messages": [{"role": "user"}]}"#,
+                "[0] has no `content`",
+            ),
+            (
+                r#"{"messages": [{"role": 1, "content": "x"}]}"#,
+                "[0].role must be a string, found a number",
+            ),
             (r#"{"messages": [3]}"#, "[0] must be an object"),
-            (r#"{"messages": [{"role": "system", "content": "x"}]}"#, "[0].role = \"system\" has no section"),
+            (
+                r#"{"messages": [{"role": "system", "content": "x"}]}"#,
+                "[0].role = \"system\" has no section",
+            ),
         ] {
-            let e = read(&format!("{{\"messages\": []}}\n{line}\n")).unwrap_err().to_string();
-            assert!(e.contains("chat.jsonl:2:") && e.contains(want), "{line} gave {e}");
+            let e = read(&format!("{{\"messages\": []}}\n{line}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("chat.jsonl:2:") && e.contains(want),
+                "{line} gave {e}"
+            );
         }
     }
 

@@ -165,8 +165,8 @@ pub fn rope_inv_freq_for(config: &ModelConfig) -> Vec<f32> {
         } else if wavelen < high_freq_wavelen {
             f
         } else {
-            let s = (old_len / wavelen - r.low_freq_factor)
-                / (r.high_freq_factor - r.low_freq_factor);
+            let s =
+                (old_len / wavelen - r.low_freq_factor) / (r.high_freq_factor - r.low_freq_factor);
             (1.0 - s) * f / r.factor + s * f
         };
         scaled as f32

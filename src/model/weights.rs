@@ -116,12 +116,16 @@ pub fn to_hf(layout: &ParamLayout, cfg: &ModelConfig, weights: &[Vec<f32>]) -> V
     out
 }
 
+/// A tensor by HF name: `None` when absent, else its (shape, values) or the read error.
+pub type TensorLookup<'a> =
+    dyn Fn(&str) -> Option<Result<(Vec<usize>, Vec<f32>), WeightsError>> + 'a;
+
 /// Our tensors (layout order) from HF-named ones; `get(name)` gives (shape, values).
 pub fn from_hf(
     layout: &ParamLayout,
     cfg: &ModelConfig,
     path: &Path,
-    get: &dyn Fn(&str) -> Option<Result<(Vec<usize>, Vec<f32>), WeightsError>>,
+    get: &TensorLookup<'_>,
 ) -> Result<Vec<Vec<f32>>, WeightsError> {
     let fetch = |name: &str, expected: Vec<usize>| -> Result<Vec<f32>, WeightsError> {
         let (shape, data) = get(name).ok_or_else(|| WeightsError::Missing {

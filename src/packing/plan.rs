@@ -9,7 +9,9 @@
 //!    the others go back to a pool for the next window.
 //! 3. Emitted bins are scheduled in batches of whole steps: sorted by attention cost (sum of
 //!    L^2), cut into consecutive groups of W (one micro-step: W bins of similar cost), ranks
-//!    permuted inside each group, groups shuffled, G consecutive groups per step.
+//!    permuted inside each group, groups shuffled, G consecutive groups per step. A group
+//!    whose tokens are uneven across ranks (> 1% max/mean; mostly the part-filled bins at the
+//!    end of an epoch) has its documents re-dealt longest-first to the least-loaded rank.
 //! 4. At the end of the epoch every remaining bin is emitted; the least-filled bins that
 //!    cannot make a whole step (W x G bins) are the leftover, carried into the next epoch
 //!    ([`Leftovers::Carry`]) or dropped ([`Leftovers::Drop`]), and counted.
@@ -30,6 +32,8 @@ use crate::config::Leftovers;
 const MIN_WINDOW_BINS: usize = 64;
 /// Bins are balanced across ranks in batches of at least this many micro-steps.
 const MIN_BALANCE_GROUPS: usize = 64;
+/// A micro-step whose max/mean tokens over ranks exceeds this is re-dealt (LPT).
+const REBALANCE_ABOVE: f64 = 1.01;
 /// At most this fraction of a window's bins go back to the pool unfilled.
 const MAX_OPEN_DIVISOR: usize = 4;
 
@@ -145,8 +149,10 @@ impl Plan {
         let mut scheduler = Scheduler {
             rng: rng_for(params.seed, epoch, STREAM_SCHEDULE),
             world_size: w,
+            budget: budget as u64,
             docs: Vec::with_capacity(stream.len()),
             offsets: vec![0],
+            scratch: Vec::new(),
         };
         let mut ready = Bins::new();
         let window_tokens = (window_bins as u64).saturating_mul(budget as u64);
@@ -166,7 +172,7 @@ impl Plan {
             if ready.len() >= balance_bins {
                 let batch = ready.split_off_front(ready.len() / per_step * per_step);
                 let all: Vec<usize> = (0..batch.len()).collect();
-                scheduler.schedule(&batch, &all);
+                scheduler.schedule(&batch, &all, lengths);
             }
         }
 
@@ -176,7 +182,7 @@ impl Plan {
         by_fill.sort_unstable_by_key(|&b| (ready.tokens[b], b));
         let mut keep = by_fill.split_off(n_left);
         keep.sort_unstable();
-        scheduler.schedule(&ready, &keep);
+        scheduler.schedule(&ready, &keep, lengths);
         let mut leftover_bins = by_fill;
         leftover_bins.sort_unstable();
         let leftover: Vec<u32> = leftover_bins
@@ -336,13 +342,15 @@ pub fn plan_epochs(
 struct Scheduler {
     rng: ChaCha8Rng,
     world_size: usize,
+    budget: u64,
     docs: Vec<u32>,
     offsets: Vec<usize>,
+    scratch: Vec<u32>,
 }
 
 impl Scheduler {
     /// Schedule the bins `which` of `bins` (a multiple of W x G of them).
-    fn schedule(&mut self, bins: &Bins, which: &[usize]) {
+    fn schedule(&mut self, bins: &Bins, which: &[usize], lengths: &[u32]) {
         let w = self.world_size;
         debug_assert_eq!(which.len() % w, 0);
         // Similar attention cost side by side, then W at a time: one micro-step.
@@ -354,10 +362,49 @@ impl Scheduler {
             let group = &mut order[g * w..(g + 1) * w];
             // No rank always gets the cheapest bin of its group.
             shuffle(group, &mut self.rng);
+            let start = self.offsets.len() - 1;
             for &b in group.iter() {
                 self.docs.extend_from_slice(bins.bin(b));
                 self.offsets.push(self.docs.len());
             }
+            let tokens: Vec<u64> = group.iter().map(|&b| bins.tokens[b]).collect();
+            if max_over_mean(&tokens) > REBALANCE_ABOVE {
+                self.rebalance(start, &tokens, lengths);
+            }
+        }
+    }
+
+    /// Re-deal the documents of the W bins from bin `start` on, longest first, each to the
+    /// rank with the fewest tokens so far (LPT), if that lowers the largest bin and keeps every
+    /// bin within B. Only uneven micro-steps get here (mostly the last, part-filled bins of
+    /// an epoch); the documents stay in the same micro-step.
+    fn rebalance(&mut self, start: usize, tokens: &[u64], lengths: &[u32]) {
+        let w = self.world_size;
+        let (lo, hi) = (self.offsets[start], self.offsets[start + w]);
+        self.scratch.clear();
+        self.scratch.extend_from_slice(&self.docs[lo..hi]);
+        self.scratch
+            .sort_unstable_by_key(|&d| (std::cmp::Reverse(lengths[d as usize]), d));
+        let mut load = vec![0u64; w];
+        let mut rank_of = Vec::with_capacity(self.scratch.len());
+        for &d in &self.scratch {
+            let r = (0..w).min_by_key(|&r| (load[r], r)).unwrap_or(0);
+            load[r] += lengths[d as usize] as u64;
+            rank_of.push(r);
+        }
+        let new_max = load.iter().copied().max().unwrap_or(0);
+        if new_max > self.budget || new_max >= tokens.iter().copied().max().unwrap_or(0) {
+            return;
+        }
+        let mut at = lo;
+        for r in 0..w {
+            for (&d, &rr) in self.scratch.iter().zip(&rank_of) {
+                if rr == r {
+                    self.docs[at] = d;
+                    at += 1;
+                }
+            }
+            self.offsets[start + r + 1] = at;
         }
     }
 }
@@ -578,6 +625,20 @@ mod tests {
         assert_eq!(plan.leftover().len(), 5);
         let s = plan.stats(&lengths);
         assert_eq!((s.bins, s.efficiency, s.leftover_tokens), (0, 0.0, 50));
+    }
+
+    #[test]
+    fn an_uneven_micro_step_is_re_dealt() {
+        // Best fit gives {50, 50} and {20}: 100 vs 20 tokens. Re-dealt: {50, 20} and {50}.
+        let lengths = [50u32, 50, 20];
+        let plan = Plan::new(&lengths, &params(100, 1, 2, Leftovers::Drop), 0, &[]).unwrap();
+        assert_eq!(plan.num_steps(), 1);
+        assert_eq!(covered(&plan), vec![0, 1, 2]);
+        let mut t: Vec<u32> = (0..2)
+            .map(|r| plan.bin(0, r, 0).iter().map(|&d| lengths[d as usize]).sum())
+            .collect();
+        t.sort_unstable();
+        assert_eq!(t, vec![50, 70]);
     }
 
     #[test]

@@ -16,7 +16,10 @@ use crate::model::ParamLayout;
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Weights(#[from] WeightsError),
     #[error("{path}: bad state.json: {message}")]
@@ -140,7 +143,11 @@ pub fn resolve(path: &Path) -> Result<PathBuf, CheckpointError> {
 }
 
 /// Load a checkpoint (see [`resolve`]) for a model of `layout`.
-pub fn load(path: &Path, config: &Config, layout: &ParamLayout) -> Result<Checkpoint, CheckpointError> {
+pub fn load(
+    path: &Path,
+    config: &Config,
+    layout: &ParamLayout,
+) -> Result<Checkpoint, CheckpointError> {
     let dir = resolve(path)?;
     let state_path = dir.join(STATE);
     let bytes = std::fs::read(&state_path).map_err(io(&state_path))?;
@@ -186,7 +193,12 @@ pub fn load(path: &Path, config: &Config, layout: &ParamLayout) -> Result<Checkp
 }
 
 /// Refuse to resume under a config that would train a different model or data order.
-pub fn check_compatible(dir: &Path, saved: &TrainState, config: &Config, world_size: usize) -> Result<(), CheckpointError> {
+pub fn check_compatible(
+    dir: &Path,
+    saved: &TrainState,
+    config: &Config,
+    world_size: usize,
+) -> Result<(), CheckpointError> {
     let old = Config::parse(&saved.config_toml).map_err(|e| CheckpointError::State {
         path: dir.to_path_buf(),
         message: format!("saved config: {e}"),

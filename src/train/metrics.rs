@@ -40,7 +40,9 @@ impl MetricsLog {
         let kept: Vec<String> = match std::fs::read_to_string(path) {
             Ok(text) => text
                 .lines()
-                .filter(|l| serde_json::from_str::<StepMetrics>(l).is_ok_and(|m| m.step <= keep_through))
+                .filter(|l| {
+                    serde_json::from_str::<StepMetrics>(l).is_ok_and(|m| m.step <= keep_through)
+                })
                 .map(str::to_string)
                 .collect(),
             Err(_) => Vec::new(),
@@ -97,14 +99,20 @@ impl RunSummary {
         let rows = [
             ("run", self.run_dir.display().to_string()),
             ("backend", format!("{} x {}", self.backend, self.world_size)),
-            ("parameters", format!("{:.2} M", self.parameters as f64 / 1e6)),
+            (
+                "parameters",
+                format!("{:.2} M", self.parameters as f64 / 1e6),
+            ),
             ("steps", self.steps.to_string()),
             ("tokens", self.tokens.to_string()),
             ("wall time", format!("{:.1} s", self.wall_s)),
             ("tokens/s", format!("{:.0}", self.tokens_per_s)),
             ("first loss", format!("{:.4}", self.first_loss)),
             ("final loss", format!("{:.4}", self.final_loss)),
-            ("packing efficiency", format!("{:.4}", self.packing_efficiency)),
+            (
+                "packing efficiency",
+                format!("{:.4}", self.packing_efficiency),
+            ),
         ];
         let w = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
         let mut s = String::new();
@@ -145,7 +153,11 @@ mod tests {
         drop(log);
         let mut log = MetricsLog::open(&p, 3).unwrap();
         log.write(&m(4)).unwrap();
-        let steps: Vec<u64> = MetricsLog::read_all(&p).unwrap().iter().map(|m| m.step).collect();
+        let steps: Vec<u64> = MetricsLog::read_all(&p)
+            .unwrap()
+            .iter()
+            .map(|m| m.step)
+            .collect();
         assert_eq!(steps, vec![1, 2, 3, 4]);
     }
 }

@@ -36,13 +36,21 @@ pub enum TrainError {
     #[error(transparent)]
     Dist(#[from] DistError),
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error(
         "the plan has no steps: {docs} documents ({tokens} tokens) do not fill one step of \
          {bins} bins of {budget} tokens; lower packing.tokens_per_micro_batch or \
          packing.micro_steps, or add data"
     )]
-    EmptyPlan { docs: usize, tokens: usize, bins: usize, budget: usize },
+    EmptyPlan {
+        docs: usize,
+        tokens: usize,
+        bins: usize,
+        budget: usize,
+    },
     #[error("step {step}: the loss is not finite ({loss}); lower train.lr or check the data")]
     NonFinite { step: u64, loss: f64 },
     #[error("device = \"cuda\": {0}")]
@@ -76,7 +84,9 @@ pub fn train(opts: &TrainOptions, comm: &dyn Comm) -> Result<RunSummary, TrainEr
     match opts.config.device {
         DeviceKind::Cpu => run(&CpuBackend::new(), opts, comm),
         DeviceKind::Auto => {
-            tracing::warn!("device = \"auto\": this build has no CUDA backend; training on the CPU");
+            tracing::warn!(
+                "device = \"auto\": this build has no CUDA backend; training on the CPU"
+            );
             run(&CpuBackend::new(), opts, comm)
         }
         DeviceKind::Cuda => Err(TrainError::NoCuda(
@@ -88,7 +98,11 @@ pub fn train(opts: &TrainOptions, comm: &dyn Comm) -> Result<RunSummary, TrainEr
 /// Target tokens of every document: positions 1.. whose token is a label.
 pub fn doc_target_counts(store: &TokenStore) -> Vec<u32> {
     (0..store.num_docs())
-        .map(|d| (1..store.doc_len(d)).filter(|&i| store.is_label(d, i)).count() as u32)
+        .map(|d| {
+            (1..store.doc_len(d))
+                .filter(|&i| store.is_label(d, i))
+                .count() as u32
+        })
         .collect()
 }
 
@@ -104,7 +118,11 @@ fn locate(plans: &[Plan], mut step: usize) -> Option<(usize, usize)> {
 }
 
 /// The training loop on one backend.
-pub fn run<B: Backend>(be: &B, opts: &TrainOptions, comm: &dyn Comm) -> Result<RunSummary, TrainError> {
+pub fn run<B: Backend>(
+    be: &B,
+    opts: &TrainOptions,
+    comm: &dyn Comm,
+) -> Result<RunSummary, TrainError> {
     let cfg = &opts.config;
     let (rank, world) = (comm.rank(), comm.world_size());
     let root = comm.is_root();
@@ -161,7 +179,11 @@ pub fn run<B: Backend>(be: &B, opts: &TrainOptions, comm: &dyn Comm) -> Result<R
                 world_size: world,
                 config_toml: cfg.to_toml(),
             };
-            (layout.init(&cfg.model, cfg.seed), AdamW::new(be, &layout)?, state)
+            (
+                layout.init(&cfg.model, cfg.seed),
+                AdamW::new(be, &layout)?,
+                state,
+            )
         }
     };
     let mut model = Llama::new(be, &cfg.model, &weights, budget, cfg.train.recompute)?;
@@ -184,7 +206,8 @@ pub fn run<B: Backend>(be: &B, opts: &TrainOptions, comm: &dyn Comm) -> Result<R
         let mpath = opts.run_dir.join("metrics.jsonl");
         log = Some(MetricsLog::open(&mpath, state.step).map_err(io_err(&mpath))?);
     }
-    let bar = (opts.progress && root).then(|| crate::cli::progress::start(total_steps as u64, state.step));
+    let bar = (opts.progress && root)
+        .then(|| crate::cli::progress::start(total_steps as u64, state.step));
 
     // ------------------------------------------------------------ the loop
     let (g_micro, bins_per_step) = (cfg.packing.micro_steps, world * cfg.packing.micro_steps);
@@ -243,12 +266,29 @@ pub fn run<B: Backend>(be: &B, opts: &TrainOptions, comm: &dyn Comm) -> Result<R
         }
 
         // ---- clip by the global norm, then AdamW
-        let norms: Vec<(&B::Buf, usize)> = model.grads.iter().zip(&layout.specs).map(|(g, s)| (g, s.numel())).collect();
+        let norms: Vec<(&B::Buf, usize)> = model
+            .grads
+            .iter()
+            .zip(&layout.specs)
+            .map(|(g, s)| (g, s.numel()))
+            .collect();
         let grad_norm = be.sum_squares(&norms)?.sqrt();
         let clip = cfg.train.grad_clip;
-        let clip_scale = if clip > 0.0 && grad_norm > clip { clip / grad_norm } else { 1.0 };
+        let clip_scale = if clip > 0.0 && grad_norm > clip {
+            clip / grad_norm
+        } else {
+            1.0
+        };
         let lr = schedule::learning_rate(&cfg.train, state.step as usize, total_steps);
-        opt.update(be, &layout, &mut model.params, &model.grads, &cfg.train, lr, clip_scale as f32)?;
+        opt.update(
+            be,
+            &layout,
+            &mut model.params,
+            &model.grads,
+            &cfg.train,
+            lr,
+            clip_scale as f32,
+        )?;
         be.synchronize()?;
 
         // ---- bookkeeping
@@ -325,7 +365,11 @@ pub fn run<B: Backend>(be: &B, opts: &TrainOptions, comm: &dyn Comm) -> Result<R
         wall_s: t_start.elapsed().as_secs_f64(),
         first_loss,
         final_loss: last_loss,
-        tokens_per_s: if timed.0 > 0.0 { timed.1 as f64 / timed.0 } else { f64::NAN },
+        tokens_per_s: if timed.0 > 0.0 {
+            timed.1 as f64 / timed.0
+        } else {
+            f64::NAN
+        },
         packing_efficiency: eff_sum / steps_here.max(1) as f64,
         parameters: layout.numel(),
         backend: be.name().to_string(),
@@ -343,5 +387,13 @@ fn save_checkpoint<B: Backend>(
 ) -> Result<PathBuf, TrainError> {
     let weights = model.weights_to_host(be)?;
     let (m, v) = opt.to_host(be, &model.layout)?;
-    Ok(checkpoint::save(run_dir, cfg, &model.layout, state, &weights, &m, &v)?)
+    Ok(checkpoint::save(
+        run_dir,
+        cfg,
+        &model.layout,
+        state,
+        &weights,
+        &m,
+        &v,
+    )?)
 }

@@ -4,6 +4,9 @@ use crate::backend::{AdamWStep, Backend, BackendError};
 use crate::config::TrainConfig;
 use crate::model::ParamLayout;
 
+/// (m, v) on the host, one vector per parameter tensor in layout order.
+pub type HostMoments = (Vec<Vec<f32>>, Vec<Vec<f32>>);
+
 /// First and second moments, one buffer per parameter tensor, and the step count.
 pub struct AdamW<B: Backend> {
     pub m: Vec<B::Buf>,
@@ -15,7 +18,9 @@ pub struct AdamW<B: Backend> {
 impl<B: Backend> AdamW<B> {
     /// Zeroed moments.
     pub fn new(be: &B, layout: &ParamLayout) -> Result<Self, BackendError> {
-        let alloc = || -> Result<Vec<B::Buf>, BackendError> { layout.specs.iter().map(|s| be.alloc(s.numel())).collect() };
+        let alloc = || -> Result<Vec<B::Buf>, BackendError> {
+            layout.specs.iter().map(|s| be.alloc(s.numel())).collect()
+        };
         Ok(Self {
             m: alloc()?,
             v: alloc()?,
@@ -24,13 +29,22 @@ impl<B: Backend> AdamW<B> {
     }
 
     /// Moments restored from host copies (layout order).
-    pub fn from_host(be: &B, layout: &ParamLayout, m: &[Vec<f32>], v: &[Vec<f32>], step: u64) -> Result<Self, BackendError> {
+    pub fn from_host(
+        be: &B,
+        layout: &ParamLayout,
+        m: &[Vec<f32>],
+        v: &[Vec<f32>],
+        step: u64,
+    ) -> Result<Self, BackendError> {
         let mut opt = Self::new(be, layout)?;
         for (i, spec) in layout.specs.iter().enumerate() {
             if m[i].len() != spec.numel() || v[i].len() != spec.numel() {
                 return Err(BackendError::Shape {
                     op: "AdamW::from_host",
-                    message: format!("moments of {} do not match its shape {:?}", spec.name, spec.shape),
+                    message: format!(
+                        "moments of {} do not match its shape {:?}",
+                        spec.name, spec.shape
+                    ),
                 });
             }
             be.upload(&mut opt.m[i], &m[i])?;
@@ -54,7 +68,11 @@ impl<B: Backend> AdamW<B> {
     ) -> Result<(), BackendError> {
         self.step += 1;
         for (i, spec) in layout.specs.iter().enumerate() {
-            let wd = if layout.decays(i, cfg.decay_norms_and_embeddings) { cfg.weight_decay } else { 0.0 };
+            let wd = if layout.decays(i, cfg.decay_norms_and_embeddings) {
+                cfg.weight_decay
+            } else {
+                0.0
+            };
             let hp = AdamWStep {
                 lr: lr as f32,
                 beta1: cfg.beta1 as f32,
@@ -64,15 +82,25 @@ impl<B: Backend> AdamW<B> {
                 grad_scale,
                 step: self.step,
             };
-            be.adamw(&mut params[i], &grads[i], &mut self.m[i], &mut self.v[i], spec.numel(), hp)?;
+            be.adamw(
+                &mut params[i],
+                &grads[i],
+                &mut self.m[i],
+                &mut self.v[i],
+                spec.numel(),
+                hp,
+            )?;
         }
         Ok(())
     }
 
     /// Host copies of (m, v), layout order.
-    pub fn to_host(&self, be: &B, layout: &ParamLayout) -> Result<(Vec<Vec<f32>>, Vec<Vec<f32>>), BackendError> {
+    pub fn to_host(&self, be: &B, layout: &ParamLayout) -> Result<HostMoments, BackendError> {
         let get = |bufs: &[B::Buf]| -> Result<Vec<Vec<f32>>, BackendError> {
-            bufs.iter().zip(&layout.specs).map(|(b, s)| be.download(b, s.numel())).collect()
+            bufs.iter()
+                .zip(&layout.specs)
+                .map(|(b, s)| be.download(b, s.numel()))
+                .collect()
         };
         Ok((get(&self.m)?, get(&self.v)?))
     }

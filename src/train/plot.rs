@@ -19,9 +19,17 @@ pub fn plot_run(path: &Path, steps: &[StepMetrics], title: &str) -> Result<(), S
     let x_min = steps.first().map_or(0, |m| m.step) as f64;
 
     let loss_max = steps.iter().map(|m| m.loss).fold(0.0f64, f64::max) * 1.05;
-    let loss_min = steps.iter().map(|m| m.loss).fold(f64::INFINITY, f64::min).min(loss_max) * 0.95;
+    let loss_min = steps
+        .iter()
+        .map(|m| m.loss)
+        .fold(f64::INFINITY, f64::min)
+        .min(loss_max)
+        * 0.95;
     let mut chart = ChartBuilder::on(&top)
-        .caption(format!("{title}: loss per target token"), ("sans-serif", 22))
+        .caption(
+            format!("{title}: loss per target token"),
+            ("sans-serif", 22),
+        )
         .margin(12)
         .x_label_area_size(35)
         .y_label_area_size(60)
@@ -34,7 +42,10 @@ pub fn plot_run(path: &Path, steps: &[StepMetrics], title: &str) -> Result<(), S
         .draw()
         .map_err(|e| e.to_string())?;
     chart
-        .draw_series(LineSeries::new(steps.iter().map(|m| (m.step as f64, m.loss)), &BLUE))
+        .draw_series(LineSeries::new(
+            steps.iter().map(|m| (m.step as f64, m.loss)),
+            &BLUE,
+        ))
         .map_err(|e| e.to_string())?;
 
     let tps_max = steps.iter().map(|m| m.tokens_per_s).fold(0.0f64, f64::max) * 1.1;
@@ -52,7 +63,10 @@ pub fn plot_run(path: &Path, steps: &[StepMetrics], title: &str) -> Result<(), S
         .draw()
         .map_err(|e| e.to_string())?;
     chart
-        .draw_series(LineSeries::new(steps.iter().map(|m| (m.step as f64, m.tokens_per_s)), &RED))
+        .draw_series(LineSeries::new(
+            steps.iter().map(|m| (m.step as f64, m.tokens_per_s)),
+            &RED,
+        ))
         .map_err(|e| e.to_string())?;
     root.present().map_err(|e| e.to_string())?;
     Ok(())

@@ -55,7 +55,12 @@ pub fn cpu_model(cfg: &ModelConfig, seed: u64, capacity: usize) -> (CpuBackend, 
 }
 
 /// Upload a packed batch of these documents of `store`.
-pub fn device_batch(be: &CpuBackend, store: &TokenStore, docs: &[u32], capacity: usize) -> (PackedBatch, DeviceBatch<CpuBackend>) {
+pub fn device_batch(
+    be: &CpuBackend,
+    store: &TokenStore,
+    docs: &[u32],
+    capacity: usize,
+) -> (PackedBatch, DeviceBatch<CpuBackend>) {
     let packed = PackedBatch::assemble(docs, store).expect("assemble");
     let mut batch = DeviceBatch::new(be, capacity).expect("batch buffers");
     batch.upload(be, &packed).expect("upload");
@@ -65,7 +70,12 @@ pub fn device_batch(be: &CpuBackend, store: &TokenStore, docs: &[u32], capacity:
 /// ‖a − b‖ / max(‖b‖, tiny).
 pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());
-    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
+    let num: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| ((x - y) as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
     let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().sqrt();
     num / den.max(1e-30)
 }

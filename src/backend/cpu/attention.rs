@@ -19,8 +19,10 @@
 //! kv head's query heads and its dk/dv, accumulating in a fixed order (heads ascending, query
 //! blocks ascending); the tasks' results are then copied into place in task order. No float
 //! is ever added to by two tasks, so the results are bitwise reproducible.
-//! Tried and kept out: gathering k and v into contiguous per-head buffers (matrixmultiply
-//! packs its operands anyway, so strided views cost nothing extra).
+//! k, v and q are read through strided views of qkv: matrixmultiply packs its operands, so
+//! gathering them into contiguous buffers first would only add a copy.
+//! Cost: the GEMMs (about 2 L^2 D flops per head forward, 2.5x that backward) dominate at
+//! D = 32; exp is second (see `exp.rs`).
 
 use rayon::prelude::*;
 

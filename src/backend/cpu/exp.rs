@@ -8,7 +8,8 @@
 //!   e^x = e^r 2^n            (2^n built from its exponent bits)
 //! Relative error <= 2 ulp (checked against f64 below); x < -87.3 gives 0 and x > 88.7
 //! gives +inf (as `f32::exp`, whose results are subnormal or infinite there), NaN gives NaN.
-//! Measured: the f32 softmax-heavy ops ran about 2x faster than with `f32::exp`.
+//! Measured on the 2-core dev box (default x86-64 target): ~1.4 ns per element against
+//! ~2.7 ns for `f32::exp`.
 
 /// Floats with a fast elementwise exp.
 pub trait Exp: Copy {

@@ -120,7 +120,9 @@ impl<'a> Fields<'a> {
             .map(|v| {
                 v.as_u64()
                     .and_then(|x| usize::try_from(x).ok())
-                    .ok_or_else(|| self.bad(key, format!("must be a non-negative integer, found {v}")))
+                    .ok_or_else(|| {
+                        self.bad(key, format!("must be a non-negative integer, found {v}"))
+                    })
             })
             .transpose()
     }
@@ -131,7 +133,10 @@ impl<'a> Fields<'a> {
 
     fn f64(&self, key: &str) -> Result<Option<f64>, HfError> {
         self.get(key)
-            .map(|v| v.as_f64().ok_or_else(|| self.bad(key, format!("must be a number, found {v}"))))
+            .map(|v| {
+                v.as_f64()
+                    .ok_or_else(|| self.bad(key, format!("must be a number, found {v}")))
+            })
             .transpose()
     }
 
@@ -141,13 +146,19 @@ impl<'a> Fields<'a> {
 
     fn bool(&self, key: &str) -> Result<Option<bool>, HfError> {
         self.get(key)
-            .map(|v| v.as_bool().ok_or_else(|| self.bad(key, format!("must be true or false, found {v}"))))
+            .map(|v| {
+                v.as_bool()
+                    .ok_or_else(|| self.bad(key, format!("must be true or false, found {v}")))
+            })
             .transpose()
     }
 
     fn str(&self, key: &str) -> Result<Option<&'a str>, HfError> {
         self.get(key)
-            .map(|v| v.as_str().ok_or_else(|| self.bad(key, format!("must be a string, found {v}"))))
+            .map(|v| {
+                v.as_str()
+                    .ok_or_else(|| self.bad(key, format!("must be a string, found {v}")))
+            })
             .transpose()
     }
 
@@ -167,10 +178,20 @@ impl<'a> Fields<'a> {
             .as_u64()
             .and_then(|x| u32::try_from(x).ok())
             .map(Some)
-            .ok_or_else(|| self.bad(key, format!("must be a token id or a list of them, found {v}")))
+            .ok_or_else(|| {
+                self.bad(
+                    key,
+                    format!("must be a token id or a list of them, found {v}"),
+                )
+            })
     }
 
-    fn unsupported(&self, key: &str, value: impl std::fmt::Display, why: impl Into<String>) -> HfError {
+    fn unsupported(
+        &self,
+        key: &str,
+        value: impl std::fmt::Display,
+        why: impl Into<String>,
+    ) -> HfError {
         HfError::UnsupportedOption {
             path: self.path.to_path_buf(),
             key: format!("{}{key}", self.prefix),
@@ -202,7 +223,11 @@ pub fn read_config(dir: &Path, opts: &LoadOptions) -> Result<HfConfig, HfError> 
 }
 
 /// Parse a config object (`path` is for messages).
-pub(crate) fn parse(path: &Path, raw: Map<String, Value>, opts: &LoadOptions) -> Result<HfConfig, HfError> {
+pub(crate) fn parse(
+    path: &Path,
+    raw: Map<String, Value>,
+    opts: &LoadOptions,
+) -> Result<HfConfig, HfError> {
     let f = Fields {
         path,
         map: &raw,
@@ -224,7 +249,9 @@ pub(crate) fn parse(path: &Path, raw: Map<String, Value>, opts: &LoadOptions) ->
                 .ok_or_else(|| f.bad("architectures", "must be a list of class names"))?
                 .to_string()
         }
-        Some(v) if !v.is_array() => return Err(f.bad("architectures", "must be a list of class names")),
+        Some(v) if !v.is_array() => {
+            return Err(f.bad("architectures", "must be a list of class names"))
+        }
         _ => f
             .str("model_type")?
             .ok_or_else(|| f.bad("architectures", "is missing (and so is model_type)"))?
@@ -249,7 +276,11 @@ pub(crate) fn parse(path: &Path, raw: Map<String, Value>, opts: &LoadOptions) ->
     for key in ["hidden_act", "hidden_activation"] {
         if let Some(act) = f.str(key)? {
             if act != "silu" && act != "swish" {
-                return Err(f.unsupported(key, format!("{act:?}"), "only SiLU (SwiGLU MLP) is implemented"));
+                return Err(f.unsupported(
+                    key,
+                    format!("{act:?}"),
+                    "only SiLU (SwiGLU MLP) is implemented",
+                ));
             }
         }
     }
@@ -312,7 +343,10 @@ pub(crate) fn parse(path: &Path, raw: Map<String, Value>, opts: &LoadOptions) ->
         }
     };
     if head_dim == 0 || !head_dim.is_multiple_of(2) {
-        return Err(f.bad("head_dim", format!("= {head_dim} must be even and > 0 (RoPE rotates pairs)")));
+        return Err(f.bad(
+            "head_dim",
+            format!("= {head_dim} must be even and > 0 (RoPE rotates pairs)"),
+        ));
     }
     let max_position_embeddings = f
         .usize("max_position_embeddings")?
@@ -322,7 +356,11 @@ pub(crate) fn parse(path: &Path, raw: Map<String, Value>, opts: &LoadOptions) ->
     let (rope_theta, rope_scaling) = parse_rope(&f)?;
     let partial = f.f64("partial_rotary_factor")?;
     if let Some(p) = partial.filter(|&p| p != 1.0) {
-        return Err(f.unsupported("partial_rotary_factor", p, "RoPE on part of each head is not implemented"));
+        return Err(f.unsupported(
+            "partial_rotary_factor",
+            p,
+            "RoPE on part of each head is not implemented",
+        ));
     }
 
     // ---- sliding windows (Mistral; Qwen2 when use_sliding_window)
@@ -378,12 +416,18 @@ pub(crate) fn parse(path: &Path, raw: Map<String, Value>, opts: &LoadOptions) ->
         rope_theta,
         rms_norm_eps: f.f64("rms_norm_eps")?.unwrap_or(1e-6),
         tie_embeddings: f.bool("tie_word_embeddings")?.unwrap_or(false),
-        init_std: f.f64("initializer_range")?.filter(|&x| x > 0.0).unwrap_or(0.02),
+        init_std: f
+            .f64("initializer_range")?
+            .filter(|&x| x > 0.0)
+            .unwrap_or(0.02),
         qkv_bias: arch == Arch::Qwen2,
         rope_scaling,
     };
     if !(model.rms_norm_eps.is_finite() && model.rms_norm_eps > 0.0) {
-        return Err(f.bad("rms_norm_eps", format!("= {} must be > 0", model.rms_norm_eps)));
+        return Err(f.bad(
+            "rms_norm_eps",
+            format!("= {} must be > 0", model.rms_norm_eps),
+        ));
     }
     Ok(HfConfig {
         path: path.to_path_buf(),
@@ -404,7 +448,12 @@ fn parse_rope(f: &Fields<'_>) -> Result<(f64, Option<RopeScaling>), HfError> {
         Some(v) => return Err(f.bad("rope_parameters", format!("must be an object, found {v}"))),
         None => match f.get("rope_scaling") {
             Some(Value::Object(p)) => (Some(p), "rope_scaling."),
-            Some(v) => return Err(f.bad("rope_scaling", format!("must be an object or null, found {v}"))),
+            Some(v) => {
+                return Err(f.bad(
+                    "rope_scaling",
+                    format!("must be an object or null, found {v}"),
+                ))
+            }
             None => (None, ""),
         },
     };
@@ -413,12 +462,20 @@ fn parse_rope(f: &Fields<'_>) -> Result<(f64, Option<RopeScaling>), HfError> {
         map,
         prefix,
     });
-    let theta = match inner.as_ref().map(|p| p.f64("rope_theta")).transpose()?.flatten() {
+    let theta = match inner
+        .as_ref()
+        .map(|p| p.f64("rope_theta"))
+        .transpose()?
+        .flatten()
+    {
         Some(t) => t,
         None => f.f64("rope_theta")?.unwrap_or(10000.0),
     };
     if !(theta.is_finite() && theta > 1.0) {
-        return Err(f.bad("rope_theta", format!("= {theta} must be a finite number > 1")));
+        return Err(f.bad(
+            "rope_theta",
+            format!("= {theta} must be a finite number > 1"),
+        ));
     }
     let Some(p) = inner else {
         return Ok((theta, None));
@@ -428,20 +485,29 @@ fn parse_rope(f: &Fields<'_>) -> Result<(f64, Option<RopeScaling>), HfError> {
         None => p.str("type")?,
     };
     if let Some(x) = p.f64("partial_rotary_factor")?.filter(|&x| x != 1.0) {
-        return Err(p.unsupported("partial_rotary_factor", x, "RoPE on part of each head is not implemented"));
+        return Err(p.unsupported(
+            "partial_rotary_factor",
+            x,
+            "RoPE on part of each head is not implemented",
+        ));
     }
     match kind.unwrap_or("default") {
         "default" => Ok((theta, None)),
         "llama3" => {
             if let Some(a) = p.f64("attention_factor")?.filter(|&a| a != 1.0) {
-                return Err(p.unsupported("attention_factor", a, "only 1.0 is implemented for llama3 scaling"));
+                return Err(p.unsupported(
+                    "attention_factor",
+                    a,
+                    "only 1.0 is implemented for llama3 scaling",
+                ));
             }
             let r = RopeScaling {
                 kind: RopeScalingKind::Llama3,
                 factor: p.required_f64("factor")?,
                 low_freq_factor: p.required_f64("low_freq_factor")?,
                 high_freq_factor: p.required_f64("high_freq_factor")?,
-                original_max_position_embeddings: p.required_usize("original_max_position_embeddings")?,
+                original_max_position_embeddings: p
+                    .required_usize("original_max_position_embeddings")?,
             };
             if !(r.factor.is_finite() && r.factor >= 1.0) {
                 return Err(p.bad("factor", format!("= {} must be >= 1", r.factor)));
@@ -449,7 +515,10 @@ fn parse_rope(f: &Fields<'_>) -> Result<(f64, Option<RopeScaling>), HfError> {
             if !(r.low_freq_factor > 0.0 && r.high_freq_factor > r.low_freq_factor) {
                 return Err(p.bad(
                     "high_freq_factor",
-                    format!("= {} must be > low_freq_factor = {} > 0", r.high_freq_factor, r.low_freq_factor),
+                    format!(
+                        "= {} must be > low_freq_factor = {} > 0",
+                        r.high_freq_factor, r.low_freq_factor
+                    ),
                 ));
             }
             if r.original_max_position_embeddings == 0 {
@@ -477,7 +546,12 @@ pub(crate) fn to_json(
 ) -> Map<String, Value> {
     let mut out = base.cloned().unwrap_or_default();
     // Ours now: drop transformers 5's rope form and version stamps.
-    for key in ["rope_parameters", "transformers_version", "dtype", "layer_types"] {
+    for key in [
+        "rope_parameters",
+        "transformers_version",
+        "dtype",
+        "layer_types",
+    ] {
         out.remove(key);
     }
     let rope_scaling = match &cfg.rope_scaling {
@@ -515,7 +589,10 @@ pub(crate) fn to_json(
         out.extend(m);
     }
     // Token ids: a base list whose first id is ours (several EOS ids) is kept as it is.
-    for (key, id) in [("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id)] {
+    for (key, id) in [
+        ("bos_token_id", bos_token_id),
+        ("eos_token_id", eos_token_id),
+    ] {
         let kept = match out.get(key) {
             Some(Value::Array(list)) => list.first().and_then(Value::as_u64) == id.map(u64::from),
             _ => false,
@@ -567,7 +644,9 @@ mod tests {
     }
 
     fn err(v: Value) -> String {
-        parse_value(v, &LoadOptions::default()).unwrap_err().to_string()
+        parse_value(v, &LoadOptions::default())
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
@@ -575,10 +654,19 @@ mod tests {
         let c = parse_value(llama(), &LoadOptions::default()).unwrap();
         assert_eq!(c.arch, Arch::Llama);
         let m = &c.model;
-        assert_eq!((m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads), (64, 32, 2, 4, 2));
+        assert_eq!(
+            (m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads),
+            (64, 32, 2, 4, 2)
+        );
         assert_eq!((m.head_dim, m.head_dim(), m.ffn_dim), (0, 8, 48));
-        assert_eq!((m.rope_theta, m.rms_norm_eps, m.tie_embeddings, m.qkv_bias), (500000.0, 1e-5, true, false));
-        assert_eq!((c.bos_token_id, c.eos_token_id, c.max_position_embeddings), (Some(1), Some(2), 128));
+        assert_eq!(
+            (m.rope_theta, m.rms_norm_eps, m.tie_embeddings, m.qkv_bias),
+            (500000.0, 1e-5, true, false)
+        );
+        assert_eq!(
+            (c.bos_token_id, c.eos_token_id, c.max_position_embeddings),
+            (Some(1), Some(2), 128)
+        );
         // Defaults: no num_key_value_heads means H; an explicit head_dim is kept.
         let mut v = llama();
         v.as_object_mut().unwrap().remove("num_key_value_heads");
@@ -589,27 +677,61 @@ mod tests {
 
     #[test]
     fn qwen2_has_qkv_bias_and_mistral_window_can_be_long_enough() {
-        let q = with(with(llama(), "architectures", json!(["Qwen2ForCausalLM"])), "model_type", json!("qwen2"));
-        let c = parse_value(with(q.clone(), "use_sliding_window", json!(false)), &LoadOptions::default()).unwrap();
+        let q = with(
+            with(llama(), "architectures", json!(["Qwen2ForCausalLM"])),
+            "model_type",
+            json!("qwen2"),
+        );
+        let c = parse_value(
+            with(q.clone(), "use_sliding_window", json!(false)),
+            &LoadOptions::default(),
+        )
+        .unwrap();
         assert!(c.model.qkv_bias);
-        let e = err(with(with(q, "use_sliding_window", json!(true)), "sliding_window", json!(64)));
-        assert!(e.contains("sliding_window = 64") && e.contains("max_position_embeddings = 128"), "{e}");
+        let e = err(with(
+            with(q, "use_sliding_window", json!(true)),
+            "sliding_window",
+            json!(64),
+        ));
+        assert!(
+            e.contains("sliding_window = 64") && e.contains("max_position_embeddings = 128"),
+            "{e}"
+        );
 
-        let m = with(with(llama(), "architectures", json!(["MistralForCausalLM"])), "model_type", json!("mistral"));
+        let m = with(
+            with(llama(), "architectures", json!(["MistralForCausalLM"])),
+            "model_type",
+            json!("mistral"),
+        );
         // Absent means transformers' 4096, longer than max_position_embeddings = 128: fine.
-        assert!(!parse_value(m.clone(), &LoadOptions::default()).unwrap().model.qkv_bias);
+        assert!(
+            !parse_value(m.clone(), &LoadOptions::default())
+                .unwrap()
+                .model
+                .qkv_bias
+        );
         let e = err(with(m.clone(), "sliding_window", json!(100)));
         assert!(e.contains("unsupported option sliding_window = 100"), "{e}");
         // ...unless the run's sequences fit the window.
-        let short = LoadOptions { max_seq_len: Some(100) };
+        let short = LoadOptions {
+            max_seq_len: Some(100),
+        };
         parse_value(with(m.clone(), "sliding_window", json!(100)), &short).unwrap();
-        parse_value(with(m, "sliding_window", Value::Null), &LoadOptions::default()).unwrap();
+        parse_value(
+            with(m, "sliding_window", Value::Null),
+            &LoadOptions::default(),
+        )
+        .unwrap();
     }
 
     #[test]
     fn unsupported_architecture_is_named() {
         let e = err(with(llama(), "architectures", json!(["GPT2LMHeadModel"])));
-        assert!(e.contains("unsupported architecture GPT2LMHeadModel") && e.contains("LlamaForCausalLM"), "{e}");
+        assert!(
+            e.contains("unsupported architecture GPT2LMHeadModel")
+                && e.contains("LlamaForCausalLM"),
+            "{e}"
+        );
         let mut v = llama();
         v.as_object_mut().unwrap().remove("architectures");
         v["model_type"] = json!("gemma");
@@ -620,7 +742,11 @@ mod tests {
     fn llama3_rope_scaling_both_spellings() {
         let scaling = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                              "high_freq_factor": 4.0, "original_max_position_embeddings": 64});
-        let c = parse_value(with(llama(), "rope_scaling", scaling.clone()), &LoadOptions::default()).unwrap();
+        let c = parse_value(
+            with(llama(), "rope_scaling", scaling.clone()),
+            &LoadOptions::default(),
+        )
+        .unwrap();
         let r = c.model.rope_scaling.clone().unwrap();
         assert_eq!((r.factor, r.original_max_position_embeddings), (8.0, 64));
         // transformers 5: theta inside rope_parameters.
@@ -632,15 +758,25 @@ mod tests {
         assert_eq!(c5.model.rope_theta, 250000.0);
         assert_eq!(c5.model.rope_scaling, Some(r));
         // "type" is the old key; "default" means none.
-        let d = parse_value(with(llama(), "rope_scaling", json!({"type": "default"})), &LoadOptions::default());
+        let d = parse_value(
+            with(llama(), "rope_scaling", json!({"type": "default"})),
+            &LoadOptions::default(),
+        );
         assert_eq!(d.unwrap().model.rope_scaling, None);
     }
 
     #[test]
     fn unsupported_rope_scaling_is_named() {
         for kind in ["yarn", "linear", "dynamic", "longrope"] {
-            let e = err(with(llama(), "rope_scaling", json!({"type": kind, "factor": 4.0})));
-            assert!(e.contains(&format!("unsupported rope_scaling type \"{kind}\"")), "{e}");
+            let e = err(with(
+                llama(),
+                "rope_scaling",
+                json!({"type": kind, "factor": 4.0}),
+            ));
+            assert!(
+                e.contains(&format!("unsupported rope_scaling type \"{kind}\"")),
+                "{e}"
+            );
         }
         let e = err(with(llama(), "partial_rotary_factor", json!(0.5)));
         assert!(e.contains("partial_rotary_factor = 0.5"), "{e}");
@@ -652,7 +788,11 @@ mod tests {
             ("attention_bias", json!(true), "attention_bias = true"),
             ("mlp_bias", json!(true), "mlp_bias = true"),
             ("hidden_act", json!("gelu"), "hidden_act = \"gelu\""),
-            ("quantization_config", json!({"quant_method": "gptq"}), "quantization_config"),
+            (
+                "quantization_config",
+                json!({"quant_method": "gptq"}),
+                "quantization_config",
+            ),
         ] {
             let e = err(with(llama(), key, value));
             assert!(e.contains(&format!("unsupported option {want}")), "{e}");
@@ -662,17 +802,36 @@ mod tests {
     #[test]
     fn bad_fields_name_the_key() {
         for (key, value, want) in [
-            ("hidden_size", json!("big"), "`hidden_size` must be a non-negative integer"),
-            ("num_key_value_heads", json!(3), "`num_key_value_heads` = 3 must be > 0 and divide"),
+            (
+                "hidden_size",
+                json!("big"),
+                "`hidden_size` must be a non-negative integer",
+            ),
+            (
+                "num_key_value_heads",
+                json!(3),
+                "`num_key_value_heads` = 3 must be > 0 and divide",
+            ),
             ("head_dim", json!(7), "`head_dim` = 7 must be even"),
             ("vocab_size", Value::Null, "`vocab_size` is missing"),
-            ("rope_scaling", json!("llama3"), "`rope_scaling` must be an object"),
+            (
+                "rope_scaling",
+                json!("llama3"),
+                "`rope_scaling` must be an object",
+            ),
         ] {
             let e = err(with(llama(), key, value));
             assert!(e.starts_with("m/config.json: ") && e.contains(want), "{e}");
         }
-        let e = err(with(llama(), "rope_scaling", json!({"rope_type": "llama3", "factor": 8.0})));
-        assert!(e.contains("`rope_scaling.low_freq_factor` is missing"), "{e}");
+        let e = err(with(
+            llama(),
+            "rope_scaling",
+            json!({"rope_type": "llama3", "factor": 8.0}),
+        ));
+        assert!(
+            e.contains("`rope_scaling.low_freq_factor` is missing"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -681,11 +840,20 @@ mod tests {
             "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
             &LoadOptions::default()).unwrap();
         for arch in [Arch::Llama, Arch::Mistral, Arch::Qwen2] {
-            let model = ModelConfig { qkv_bias: arch == Arch::Qwen2, ..c.model.clone() };
+            let model = ModelConfig {
+                qkv_bias: arch == Arch::Qwen2,
+                ..c.model.clone()
+            };
             let out = to_json(&model, arch, 128, "float32", Some(1), Some(2), Some(&c.raw));
             let back = parse(Path::new("x"), out, &LoadOptions::default()).unwrap();
             assert_eq!(back.arch, arch);
-            assert_eq!(back.model, ModelConfig { init_std: 0.02, ..model });
+            assert_eq!(
+                back.model,
+                ModelConfig {
+                    init_std: 0.02,
+                    ..model
+                }
+            );
             assert_eq!((back.bos_token_id, back.eos_token_id), (Some(1), Some(2)));
         }
     }

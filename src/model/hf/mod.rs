@@ -57,7 +57,9 @@ pub enum HfError {
         found: String,
         supported: &'static str,
     },
-    #[error("{path}: unsupported rope_scaling type {kind:?}; supported: none, \"default\", \"llama3\"")]
+    #[error(
+        "{path}: unsupported rope_scaling type {kind:?}; supported: none, \"default\", \"llama3\""
+    )]
     UnsupportedRopeScaling { path: PathBuf, kind: String },
     #[error("{path}: unsupported option {key} = {value}: {why}")]
     UnsupportedOption {
@@ -66,9 +68,7 @@ pub enum HfError {
         value: String,
         why: String,
     },
-    #[error(
-        "{dir}: no weights: expected model.safetensors or model.safetensors.index.json{hint}"
-    )]
+    #[error("{dir}: no weights: expected model.safetensors or model.safetensors.index.json{hint}")]
     NoWeights { dir: PathBuf, hint: String },
     #[error("{index}: shard {shard} is missing")]
     MissingShard { index: PathBuf, shard: String },

@@ -137,7 +137,15 @@ mod tests {
                         "bos_token": {"__type": "AddedToken", "content": "<s>"}, "eos_token": "</s>"});
         std::fs::write(dir.path().join("tokenizer_config.json"), tc.to_string()).unwrap();
         let s = read_specials(dir.path()).unwrap();
-        assert_eq!(s, HfSpecials { bos_token_id: Some(1), eos_token_id: Some(2), add_bos: true, add_eos: false });
+        assert_eq!(
+            s,
+            HfSpecials {
+                bos_token_id: Some(1),
+                eos_token_id: Some(2),
+                add_bos: true,
+                add_eos: false
+            }
+        );
         assert_eq!((s.bos_to_add(), s.eos_to_add()), (Some(1), None));
     }
 
@@ -145,17 +153,36 @@ mod tests {
     fn post_processor_decides_when_the_flag_is_absent() {
         let dir = tempfile::tempdir().unwrap();
         write_tokenizer(dir.path(), true);
-        std::fs::write(dir.path().join("generation_config.json"), r#"{"bos_token_id": 1, "eos_token_id": [2, 9]}"#).unwrap();
+        std::fs::write(
+            dir.path().join("generation_config.json"),
+            r#"{"bos_token_id": 1, "eos_token_id": [2, 9]}"#,
+        )
+        .unwrap();
         let s = read_specials(dir.path()).unwrap();
-        assert_eq!(s, HfSpecials { bos_token_id: Some(1), eos_token_id: Some(2), add_bos: true, add_eos: false });
+        assert_eq!(
+            s,
+            HfSpecials {
+                bos_token_id: Some(1),
+                eos_token_id: Some(2),
+                add_bos: true,
+                add_eos: false
+            }
+        );
     }
 
     #[test]
     fn no_files_means_no_specials() {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(read_specials(dir.path()).unwrap(), HfSpecials::default());
-        std::fs::write(dir.path().join("config.json"), r#"{"bos_token_id": 5, "eos_token_id": 6}"#).unwrap();
+        std::fs::write(
+            dir.path().join("config.json"),
+            r#"{"bos_token_id": 5, "eos_token_id": 6}"#,
+        )
+        .unwrap();
         let s = read_specials(dir.path()).unwrap();
-        assert_eq!((s.bos_token_id, s.eos_token_id, s.add_bos), (Some(5), Some(6), false));
+        assert_eq!(
+            (s.bos_token_id, s.eos_token_id, s.add_bos),
+            (Some(5), Some(6), false)
+        );
     }
 }

@@ -524,7 +524,10 @@ fn write_contents(
     let mut total = 0u64;
     for (k, shard) in shards.iter().enumerate() {
         let path = tmp.join(file_name(k));
-        let bytes: Vec<Vec<u8>> = shard.par_iter().map(|t| opts.dtype.encode(&t.data)).collect();
+        let bytes: Vec<Vec<u8>> = shard
+            .par_iter()
+            .map(|t| opts.dtype.encode(&t.data))
+            .collect();
         let views = shard
             .iter()
             .zip(&bytes)

@@ -123,7 +123,11 @@ def main():
             loss_rel = compare_losses(name, hf_doc_losses(model, docs), got)
 
             # 2. packtrain -> transformers (logits of the reloaded model)
-            back = type(model).from_pretrained(saved, dtype=torch.float32).eval()
+            back, info = type(model).from_pretrained(saved, dtype=torch.float32,
+                                                     output_loading_info=True)
+            back.eval()
+            problems = {k: v for k, v in info.items() if v}
+            assert not problems, f"{name}: transformers loading {saved}: {problems}"
             x = torch.randint(0, model.config.vocab_size, (2, 64),
                               generator=torch.Generator().manual_seed(5))
             with torch.no_grad():
@@ -142,7 +146,7 @@ def main():
         model = LlamaForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
         tok = word_tokenizer(model.config.vocab_size)
         tok.save_pretrained(src)
-        words = [w for w in tok.get_vocab() if w.isalpha()]
+        words = sorted(w for w in tok.get_vocab() if w.isalpha())
         g = torch.Generator().manual_seed(3)
         texts = [" ".join(words[i] for i in torch.randint(0, len(words), (n,), generator=g).tolist())
                  for n in torch.randint(1, 60, (N_DOCS,), generator=g).tolist()]

@@ -17,6 +17,7 @@
 //! device backend runs a whole step without host round trips except `sum_squares`.
 
 pub mod cpu;
+pub mod cuda;
 
 use thiserror::Error;
 

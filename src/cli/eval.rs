@@ -227,8 +227,10 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
         EvalFormat::Tokens => DataFormat::Tokens,
         EvalFormat::Chat => DataFormat::Chat,
     };
-    let mut config = Config::default();
-    config.model = hf_config.model.clone();
+    let mut config = Config {
+        model: hf_config.model.clone(),
+        ..Config::default()
+    };
     let d = &mut config.data;
     d.format = format;
     d.paths = args.data.clone();

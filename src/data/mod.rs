@@ -5,8 +5,8 @@
 //!    `cache_dir/<key>` exists, memory-map it and stop there.
 //! 2. `reader`: each non-blank JSONL line becomes a `Record` (a JSON object and its file:line);
 //!    a format's `Reader` turns it into a [`Document`] of content tokens and label bits:
-//!    `text`, `prompt_completion` (tokenised by `tokenizer`), `token_ids`. Or `synthetic`
-//!    generates the documents.
+//!    `text`, `prompt_completion` (tokenised by `tokenizer`), `chat` (rendered by its template,
+//!    tokenised with offsets), `token_ids`. Or `synthetic` generates the documents.
 //! 3. `tokenizer::Specials`: BOS before, EOS after each non-empty document (text formats only).
 //! 4. `limits`: token ids checked against the vocabulary, empty documents skipped, long ones
 //!    split, truncated or dropped, everything counted in a [`DataReport`].

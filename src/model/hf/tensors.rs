@@ -91,9 +91,17 @@ fn decode(raw: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
     })
 }
 
-/// The checkpoint files of `dir` and which one holds each tensor; also the path to name in
-/// messages about the set as a whole (the index, or the single file).
-fn open_weights(dir: &Path) -> Result<(Vec<Shard>, HashMap<String, usize>, PathBuf), HfError> {
+/// The mapped files of a checkpoint.
+struct Checkpoint {
+    shards: Vec<Shard>,
+    /// Tensor name → index into `shards`.
+    where_is: HashMap<String, usize>,
+    /// The path to name in messages about the set as a whole (the index, or the single file).
+    path: PathBuf,
+}
+
+/// The checkpoint files of `dir` and which one holds each tensor.
+fn open_weights(dir: &Path) -> Result<Checkpoint, HfError> {
     let index_path = dir.join(INDEX);
     if let Some(index) = read_json(&index_path)? {
         let bad = |message: &str| HfError::BadField {
@@ -138,7 +146,11 @@ fn open_weights(dir: &Path) -> Result<(Vec<Shard>, HashMap<String, usize>, PathB
             }
             where_is.insert(name.clone(), k);
         }
-        return Ok((shards, where_is, index_path));
+        return Ok(Checkpoint {
+            shards,
+            where_is,
+            path: index_path,
+        });
     }
     let single = dir.join(SINGLE);
     if !single.is_file() {
@@ -166,7 +178,11 @@ fn open_weights(dir: &Path) -> Result<(Vec<Shard>, HashMap<String, usize>, PathB
     }
     let shard = Shard::open(&single)?;
     let where_is = shard.tensors.keys().map(|n| (n.clone(), 0)).collect();
-    Ok((vec![shard], where_is, single))
+    Ok(Checkpoint {
+        shards: vec![shard],
+        where_is,
+        path: single,
+    })
 }
 
 /// The HF names of a layout's tensors (q/k/v and gate/up split).
@@ -195,7 +211,11 @@ pub(crate) fn load_weights(
     layout: &ParamLayout,
     hf: &HfConfig,
 ) -> Result<(Vec<Vec<f32>>, SaveDtype), HfError> {
-    let (shards, where_is, set_path) = open_weights(dir)?;
+    let Checkpoint {
+        shards,
+        where_is,
+        path: set_path,
+    } = open_weights(dir)?;
     let cfg = &hf.model;
 
     // Every tensor of the checkpoint must be one the model uses (or harmless).

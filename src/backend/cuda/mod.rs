@@ -1,0 +1,403 @@
+//! The CUDA backend: cudarc loaded at run time (the crate builds with no CUDA installed), one
+//! context and one compute stream per rank, kernels compiled by NVRTC from `kernels/*.cu`,
+//! GEMMs through cuBLAS.
+//!
+//! Storage: this first version keeps every float buffer in f32 (master weights, activations,
+//! gradients, moments) and runs the GEMMs on bf16 tensor cores with f32 accumulation
+//! (`CUBLAS_COMPUTE_32F_FAST_16BF`: operands rounded to bf16 inside cuBLAS). bf16 activation
+//! storage is the next step; the `Backend` trait does not change for it.
+//!
+//! `IdxBuf` keeps a host mirror of what was uploaded, so ops that schedule per document
+//! (attention) read `cu_seqlens` without a device sync.
+
+mod compile;
+mod gemm;
+mod ops;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+
+use super::{AdamWStep, AttnDims, Backend, BackendError};
+
+pub use compile::{arch_name, cache_dir, cuda_include_dir, KernelSource, SOURCES};
+pub use gemm::GemmMode;
+
+/// Why CUDA cannot be used, or what failed on it.
+#[derive(Debug, thiserror::Error)]
+pub enum CudaError {
+    #[error("{what} not found: {hint}")]
+    Missing { what: String, hint: String },
+    #[error("no CUDA device: {0}")]
+    NoDevice(String),
+    #[error("unsupported GPU: {0}")]
+    Unsupported(String),
+    #[error("NVRTC could not compile {file}:\n{log}")]
+    Compile { file: &'static str, log: String },
+    #[error("CUDA driver error in {op}: {message}")]
+    Driver { op: &'static str, message: String },
+    #[error("kernel {0} not found in any compiled module")]
+    NoKernel(String),
+}
+
+impl From<CudaError> for BackendError {
+    fn from(e: CudaError) -> Self {
+        match e {
+            CudaError::Driver { op, message } => BackendError::Device { op, message },
+            other => BackendError::Unavailable {
+                backend: "cuda",
+                message: other.to_string(),
+            },
+        }
+    }
+}
+
+/// Wrap a cudarc driver error (which is only `Debug`) with the op it broke.
+pub(crate) fn drv<E: std::fmt::Debug>(op: &'static str) -> impl FnOnce(E) -> BackendError {
+    move |e| BackendError::Device {
+        op,
+        message: format!("{e:?}"),
+    }
+}
+
+/// i32 buffer on the device plus the host copy of what was last uploaded.
+pub struct CudaIdx {
+    pub dev: CudaSlice<i32>,
+    pub host: Vec<i32>,
+}
+
+/// One GPU: context, stream, cuBLAS handle and every compiled kernel.
+pub struct CudaBackend {
+    pub ctx: Arc<CudaContext>,
+    pub stream: Arc<CudaStream>,
+    pub(crate) blas: CudaBlas,
+    kernels: HashMap<String, CudaFunction>,
+    pub arch: &'static str,
+    pub device_name: String,
+    pub gemm_mode: GemmMode,
+}
+
+/// Check that the driver and cuBLAS libraries can be loaded, naming the first that cannot.
+pub fn probe_libraries() -> Result<(), CudaError> {
+    // SAFETY: these only try to dlopen the libraries.
+    let checks: [(&str, bool); 3] = unsafe {
+        [
+            ("the CUDA driver (libcuda.so)", cudarc::driver::sys::is_culib_present()),
+            ("cuBLAS (libcublas.so)", cudarc::cublas::sys::is_culib_present()),
+            ("NVRTC (libnvrtc.so)", cudarc::nvrtc::sys::is_culib_present()),
+        ]
+    };
+    for (what, present) in checks {
+        if !present {
+            return Err(CudaError::Missing {
+                what: what.into(),
+                hint: "install the NVIDIA driver and CUDA 13 toolkit, or put their lib directories on LD_LIBRARY_PATH"
+                    .into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+impl CudaBackend {
+    /// Open GPU `ordinal`, compile (or load from the cache) every kernel.
+    pub fn new(ordinal: usize) -> Result<Self, CudaError> {
+        probe_libraries()?;
+        let d = |op| move |e: cudarc::driver::DriverError| CudaError::Driver {
+            op,
+            message: format!("{e:?}"),
+        };
+        let count = CudaContext::device_count().map_err(|e| CudaError::NoDevice(format!("{e:?}")))?;
+        if ordinal as i32 >= count {
+            return Err(CudaError::NoDevice(format!("GPU {ordinal} asked for, {count} present")));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(d("cuCtxCreate"))?;
+        // One stream does all the work, so cudarc's cross-stream event tracking is not needed.
+        // SAFETY: called before any allocation on this context.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        let (major, minor) = ctx.compute_capability().map_err(d("compute_capability"))?;
+        let arch = arch_name(major, minor)?;
+        let device_name = ctx.name().map_err(d("device name"))?;
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| CudaError::Driver {
+            op: "cublasCreate",
+            message: format!("{e:?}"),
+        })?;
+        let mut kernels = HashMap::new();
+        for file in SOURCES.iter().filter(|f| f.file.ends_with(".cu")) {
+            let ptx = compile::compile(file, arch)?;
+            let names: Vec<String> = ptx
+                .to_src()
+                .lines()
+                .filter_map(|l| l.split(".entry ").nth(1))
+                .map(|rest| rest.trim_end_matches(['(', ' ']).to_string())
+                .collect();
+            let module = ctx.load_module(ptx).map_err(d("cuModuleLoadData"))?;
+            for name in names {
+                let f = module.load_function(&name).map_err(d("cuModuleGetFunction"))?;
+                kernels.insert(name, f);
+            }
+        }
+        Ok(Self {
+            ctx,
+            stream,
+            blas,
+            kernels,
+            arch,
+            device_name,
+            gemm_mode: GemmMode::from_env(),
+        })
+    }
+
+    /// A compiled kernel by its `extern "C"` name.
+    pub(crate) fn kernel(&self, name: &str) -> Result<&CudaFunction, BackendError> {
+        self.kernels.get(name).ok_or_else(|| CudaError::NoKernel(name.to_string()).into())
+    }
+
+    /// Bytes of device memory in use on this GPU (all processes), for peak-memory reports.
+    pub fn memory_used(&self) -> Result<usize, BackendError> {
+        let (free, total) = self.ctx.mem_get_info().map_err(drv("cuMemGetInfo"))?;
+        Ok(total - free)
+    }
+
+    fn check_len(op: &'static str, what: &str, have: usize, need: usize) -> Result<(), BackendError> {
+        if have < need {
+            return Err(BackendError::Shape {
+                op,
+                message: format!("{what} holds {have} elements, {need} needed"),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Blocks of `threads` covering `n` items.
+pub(crate) fn grid_1d(n: usize, threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: ((n as u32).div_ceil(threads).max(1), 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Launch `name` over `cfg` with the arguments `push` adds, then check the launch.
+pub(crate) fn launch<'a>(
+    be: &'a CudaBackend,
+    name: &'static str,
+    cfg: LaunchConfig,
+    push: impl FnOnce(&mut cudarc::driver::LaunchArgs<'a>),
+) -> Result<(), BackendError> {
+    let f = be.kernel(name)?;
+    let mut b = be.stream.launch_builder(f);
+    push(&mut b);
+    // SAFETY: every launcher checks its buffers' lengths against the dims it passes before
+    // calling here, and the kernels index only within those dims.
+    unsafe { b.launch(cfg) }.map(|_| ()).map_err(drv(name))
+}
+
+impl Backend for CudaBackend {
+    type Buf = CudaSlice<f32>;
+    type IdxBuf = CudaIdx;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn alloc(&self, len: usize) -> Result<Self::Buf, BackendError> {
+        self.stream.alloc_zeros::<f32>(len.max(1)).map_err(drv("alloc"))
+    }
+    fn alloc_idx(&self, len: usize) -> Result<Self::IdxBuf, BackendError> {
+        Ok(CudaIdx {
+            dev: self.stream.alloc_zeros::<i32>(len.max(1)).map_err(drv("alloc_idx"))?,
+            host: Vec::new(),
+        })
+    }
+    fn len(&self, buf: &Self::Buf) -> usize {
+        buf.len()
+    }
+    fn upload(&self, dst: &mut Self::Buf, src: &[f32]) -> Result<(), BackendError> {
+        Self::check_len("upload", "destination", dst.len(), src.len())?;
+        if src.is_empty() {
+            return Ok(());
+        }
+        let mut view = dst.slice_mut(..src.len());
+        self.stream.memcpy_htod(src, &mut view).map_err(drv("upload"))
+    }
+    fn upload_idx(&self, dst: &mut Self::IdxBuf, src: &[i32]) -> Result<(), BackendError> {
+        Self::check_len("upload_idx", "destination", dst.dev.len(), src.len())?;
+        dst.host.clear();
+        dst.host.extend_from_slice(src);
+        if src.is_empty() {
+            return Ok(());
+        }
+        let mut view = dst.dev.slice_mut(..src.len());
+        self.stream.memcpy_htod(src, &mut view).map_err(drv("upload_idx"))
+    }
+    fn download(&self, src: &Self::Buf, len: usize) -> Result<Vec<f32>, BackendError> {
+        Self::check_len("download", "source", src.len(), len)?;
+        let mut out = vec![0.0f32; len];
+        if len > 0 {
+            self.stream.memcpy_dtoh(&src.slice(..len), &mut out).map_err(drv("download"))?;
+        }
+        self.stream.synchronize().map_err(drv("download"))?;
+        Ok(out)
+    }
+    fn zero(&self, buf: &mut Self::Buf, len: usize) -> Result<(), BackendError> {
+        Self::check_len("zero", "buffer", buf.len(), len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let mut view = buf.slice_mut(..len);
+        self.stream.memset_zeros(&mut view).map_err(drv("zero"))
+    }
+    fn copy(&self, dst: &mut Self::Buf, src: &Self::Buf, len: usize) -> Result<(), BackendError> {
+        Self::check_len("copy", "destination", dst.len(), len)?;
+        Self::check_len("copy", "source", src.len(), len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        let mut view = dst.slice_mut(..len);
+        self.stream.memcpy_dtod(&src.slice(..len), &mut view).map_err(drv("copy"))
+    }
+    fn synchronize(&self) -> Result<(), BackendError> {
+        self.stream.synchronize().map_err(drv("synchronize"))
+    }
+
+    fn embedding_forward(&self, out: &mut Self::Buf, tokens: &CudaIdx, wte: &Self::Buf, t: usize, c: usize) -> Result<(), BackendError> {
+        ops::embedding::forward(self, out, tokens, wte, t, c)
+    }
+    fn embedding_backward(&self, dwte: &mut Self::Buf, dout: &Self::Buf, tokens: &CudaIdx, t: usize, c: usize) -> Result<(), BackendError> {
+        ops::embedding::backward(self, dwte, dout, tokens, t, c)
+    }
+    fn rmsnorm_forward(
+        &self,
+        out: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+        x: &Self::Buf,
+        weight: &Self::Buf,
+        t: usize,
+        c: usize,
+        eps: f32,
+    ) -> Result<(), BackendError> {
+        ops::rmsnorm::forward(self, out, rstd, x, weight, t, c, eps)
+    }
+    fn rmsnorm_backward(
+        &self,
+        dx: &mut Self::Buf,
+        dweight: &mut Self::Buf,
+        dout: &Self::Buf,
+        x: &Self::Buf,
+        weight: &Self::Buf,
+        rstd: &Self::Buf,
+        t: usize,
+        c: usize,
+    ) -> Result<(), BackendError> {
+        ops::rmsnorm::backward(self, dx, dweight, dout, x, weight, rstd, t, c)
+    }
+    fn matmul_forward(
+        &self,
+        out: &mut Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        bias: Option<&Self::Buf>,
+        t: usize,
+        ic: usize,
+        oc: usize,
+    ) -> Result<(), BackendError> {
+        ops::matmul::forward(self, out, x, w, bias, t, ic, oc)
+    }
+    fn matmul_backward(
+        &self,
+        dx: &mut Self::Buf,
+        dw: &mut Self::Buf,
+        dbias: Option<&mut Self::Buf>,
+        dout: &Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        t: usize,
+        ic: usize,
+        oc: usize,
+    ) -> Result<(), BackendError> {
+        ops::matmul::backward(self, dx, dw, dbias, dout, x, w, t, ic, oc)
+    }
+    fn rope_forward(&self, qkv: &mut Self::Buf, positions: &CudaIdx, inv_freq: &Self::Buf, dims: AttnDims) -> Result<(), BackendError> {
+        ops::rope::apply(self, qkv, positions, inv_freq, dims, false)
+    }
+    fn rope_backward(&self, dqkv: &mut Self::Buf, positions: &CudaIdx, inv_freq: &Self::Buf, dims: AttnDims) -> Result<(), BackendError> {
+        ops::rope::apply(self, dqkv, positions, inv_freq, dims, true)
+    }
+    fn attention_forward(
+        &self,
+        out: &mut Self::Buf,
+        lse: &mut Self::Buf,
+        qkv: &Self::Buf,
+        cu_seqlens: &CudaIdx,
+        dims: AttnDims,
+    ) -> Result<(), BackendError> {
+        ops::attention::forward(self, out, lse, qkv, cu_seqlens, dims)
+    }
+    fn attention_backward(
+        &self,
+        dqkv: &mut Self::Buf,
+        dout: &Self::Buf,
+        qkv: &Self::Buf,
+        out: &Self::Buf,
+        lse: &Self::Buf,
+        cu_seqlens: &CudaIdx,
+        dims: AttnDims,
+    ) -> Result<(), BackendError> {
+        ops::attention::backward(self, dqkv, dout, qkv, out, lse, cu_seqlens, dims)
+    }
+    fn swiglu_forward(&self, out: &mut Self::Buf, gate_up: &Self::Buf, t: usize, f: usize) -> Result<(), BackendError> {
+        ops::swiglu::forward(self, out, gate_up, t, f)
+    }
+    fn swiglu_backward(&self, dgate_up: &mut Self::Buf, dout: &Self::Buf, gate_up: &Self::Buf, t: usize, f: usize) -> Result<(), BackendError> {
+        ops::swiglu::backward(self, dgate_up, dout, gate_up, t, f)
+    }
+    fn add_inplace(&self, acc: &mut Self::Buf, x: &Self::Buf, n: usize) -> Result<(), BackendError> {
+        ops::elementwise::add_inplace(self, acc, x, n)
+    }
+    fn classifier(
+        &self,
+        losses: &mut Self::Buf,
+        grads: Option<(&mut Self::Buf, &mut Self::Buf)>,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        targets: &CudaIdx,
+        loss_scale: f32,
+        t: usize,
+        c: usize,
+        v: usize,
+    ) -> Result<(), BackendError> {
+        ops::classifier::forward_backward(self, losses, grads, x, w, targets, loss_scale, t, c, v)
+    }
+    fn sum_squares(&self, bufs: &[(&Self::Buf, usize)]) -> Result<f64, BackendError> {
+        ops::adamw::sum_squares(self, bufs)
+    }
+    fn scale(&self, buf: &mut Self::Buf, n: usize, s: f32) -> Result<(), BackendError> {
+        ops::elementwise::scale(self, buf, n, s)
+    }
+    fn adamw(
+        &self,
+        param: &mut Self::Buf,
+        grad: &Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+        n: usize,
+        hp: AdamWStep,
+    ) -> Result<(), BackendError> {
+        ops::adamw::step(self, param, grad, m, v, n, hp)
+    }
+}
+
+impl CudaBackend {
+    /// Raw device address of a buffer (for cuBLAS), valid while `b` lives.
+    pub(crate) fn ptr<T>(&self, b: &CudaSlice<T>) -> cudarc::driver::sys::CUdeviceptr {
+        use cudarc::driver::DevicePtr;
+        // Event tracking is off (one stream), so the guard has nothing to record.
+        let (p, _guard) = b.device_ptr(&self.stream);
+        p
+    }
+}

@@ -1,0 +1,19 @@
+//! TODO: embedding (stub: returns Unsupported until written)
+#![allow(unused_variables, unused_imports)]
+
+use cudarc::driver::CudaSlice;
+
+use super::unsupported;
+use crate::backend::cuda::{CudaBackend, CudaIdx};
+use crate::backend::{AdamWStep, AttnDims, BackendError};
+
+#[allow(clippy::too_many_arguments)]
+pub fn forward(be: &CudaBackend, out: &mut CudaSlice<f32>, tokens: &CudaIdx, wte: &CudaSlice<f32>, t: usize, c: usize) -> Result<(), BackendError> {
+    Err(unsupported("embedding_forward"))
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn backward(be: &CudaBackend, dwte: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, tokens: &CudaIdx, t: usize, c: usize) -> Result<(), BackendError> {
+    Err(unsupported("embedding_backward"))
+}
+

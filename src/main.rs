@@ -10,7 +10,7 @@ use tracing_subscriber::EnvFilter;
 
 use packtrain::cli::plan::PlanArgs;
 use packtrain::config::{Config, DeviceKind};
-use packtrain::dist::SingleProcess;
+use packtrain::dist;
 use packtrain::train::{self, TrainOptions};
 
 /// The default run's config, built into the binary so `packtrain train` works from anywhere.
@@ -33,6 +33,12 @@ enum Command {
     Train(TrainArgs),
     /// Plan the packing of a corpus and report efficiency and balance.
     Plan(PlanArgs),
+    /// Per-document loss of a Hugging Face model on a JSONL file.
+    Eval(packtrain::cli::eval::EvalArgs),
+    /// Check every op of a backend, and the whole model, against the CPU reference.
+    Check(packtrain::cli::check::CheckArgs),
+    /// Training-step throughput, MFU and peak memory of llama-160m and tinyllama-1.1b on a GPU.
+    Bench(packtrain::cli::bench::BenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -86,6 +92,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Train(args) => train_cmd(args),
         Command::Plan(args) => packtrain::cli::plan::run(&args),
+        Command::Eval(args) => packtrain::cli::eval::run(&args),
+        Command::Check(args) => packtrain::cli::check::run(&args),
+        Command::Bench(args) => packtrain::cli::bench::run(&args),
     }
 }
 
@@ -121,7 +130,9 @@ fn train_cmd(args: TrainArgs) -> anyhow::Result<()> {
         stop_after: args.stop_after,
         progress: !args.quiet,
     };
-    let summary = train::train(&opts, &SingleProcess)?;
+    // Rank, world and the communicator from MPI or the launcher's environment (src/dist).
+    let comm = dist::bootstrap(&opts.config.dist)?;
+    let summary = dist::tag_rank(comm.as_ref(), train::train(&opts, comm.as_ref()))?;
     println!("\npacktrain: run summary\n{}", summary.table());
     Ok(())
 }

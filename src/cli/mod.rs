@@ -1,5 +1,7 @@
 //! The command line: one module per subcommand, `main.rs` dispatches.
 
+pub mod bench;
+pub mod check;
 pub mod eval;
 pub mod plan;
 pub mod plot_font;

@@ -34,12 +34,16 @@ struct KeySettings<'a> {
     eos_token_id: Option<u32>,
     seed: Option<u64>,
     synthetic: Option<&'a SyntheticConfig>,
+    chat_template: Option<&'a str>,
 }
 
 /// The cache key of a config: 32 hex digits. Reads every data file and the tokenizer.
 pub fn cache_key(config: &Config) -> Result<String, DataError> {
     let d = &config.data;
-    let text_format = matches!(d.format, DataFormat::Text | DataFormat::PromptCompletion);
+    let text_format = matches!(
+        d.format,
+        DataFormat::Text | DataFormat::PromptCompletion | DataFormat::Chat
+    );
     let synthetic = d.format == DataFormat::Synthetic;
     let settings = KeySettings {
         version: CACHE_FORMAT_VERSION,
@@ -51,6 +55,10 @@ pub fn cache_key(config: &Config) -> Result<String, DataError> {
         eos_token_id: d.eos_token_id.filter(|_| text_format),
         seed: synthetic.then_some(config.seed),
         synthetic: synthetic.then_some(&d.synthetic),
+        chat_template: d
+            .chat_template
+            .as_deref()
+            .filter(|_| d.format == DataFormat::Chat),
     };
     let settings = serde_json::to_vec(&settings).map_err(|e| DataError::Cache {
         path: d.cache_dir.clone(),

@@ -8,10 +8,12 @@ pub mod optimizer;
 pub mod plot;
 pub mod schedule;
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::CudaBackend;
 use crate::backend::{Backend, BackendError};
 use crate::config::{Config, DeviceKind};
 use crate::data::{self, DataError, TokenStore};
@@ -21,7 +23,7 @@ use crate::packing::{self, PackedBatch, PackingError, Plan, PlanParams};
 
 use checkpoint::{CheckpointError, TrainState};
 use metrics::{MetricsLog, RunSummary, StepMetrics};
-use optimizer::AdamW;
+use optimizer::{AdamW, HostMoments};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -53,6 +55,8 @@ pub enum TrainError {
     },
     #[error("step {step}: the loss is not finite ({loss}); lower train.lr or check the data")]
     NonFinite { step: u64, loss: f64 },
+    #[error(transparent)]
+    Hf(#[from] crate::model::hf::HfError),
     #[error("device = \"cuda\": {0}")]
     NoCuda(String),
 }
@@ -79,19 +83,27 @@ pub struct TrainOptions {
     pub progress: bool,
 }
 
-/// Train on the backend the config asks for.
+/// Train on the backend the config asks for: `cuda` needs a usable GPU (the error names what
+/// is missing), `auto` takes CUDA when it opens and falls back to the CPU with a warning.
 pub fn train(opts: &TrainOptions, comm: &dyn Comm) -> Result<RunSummary, TrainError> {
+    let gpu = comm.local_rank();
     match opts.config.device {
         DeviceKind::Cpu => run(&CpuBackend::new(), opts, comm),
-        DeviceKind::Auto => {
-            tracing::warn!(
-                "device = \"auto\": this build has no CUDA backend; training on the CPU"
-            );
-            run(&CpuBackend::new(), opts, comm)
+        DeviceKind::Cuda => {
+            let be = CudaBackend::new(gpu).map_err(|e| TrainError::NoCuda(e.to_string()))?;
+            tracing::info!(gpu, device = %be.device_name, arch = be.arch, "CUDA backend");
+            run(&be, opts, comm)
         }
-        DeviceKind::Cuda => Err(TrainError::NoCuda(
-            "this build of packtrain has no CUDA backend; use device = \"cpu\" or \"auto\"".into(),
-        )),
+        DeviceKind::Auto => match CudaBackend::new(gpu) {
+            Ok(be) => {
+                tracing::info!(gpu, device = %be.device_name, arch = be.arch, "CUDA backend");
+                run(&be, opts, comm)
+            }
+            Err(e) => {
+                tracing::warn!("device = \"auto\": CUDA unavailable ({e}); training on the CPU");
+                run(&CpuBackend::new(), opts, comm)
+            }
+        },
     }
 }
 
@@ -161,12 +173,20 @@ pub fn run<B: Backend>(
     // ------------------------------------------------------------ model and optimizer
     let layout = ParamLayout::new(&cfg.model);
     let budget = cfg.packing.tokens_per_micro_batch;
+    // ZeRO-1: rank r keeps the AdamW moments of, and updates, only the tensors shards[r].
+    let shards = (cfg.dist.zero1 && world > 1).then(|| {
+        let numels: Vec<usize> = layout.specs.iter().map(|s| s.numel()).collect();
+        optimizer::shard_ranges(&numels, world)
+    });
     let (weights, mut opt, mut state) = match &opts.resume {
         Some(path) => {
             let ck = checkpoint::load(path, cfg, &layout)?;
             checkpoint::check_compatible(&ck.dir, &ck.state, cfg, world)?;
             tracing::info!(checkpoint = %ck.dir.display(), step = ck.state.step, "resuming");
-            let opt = AdamW::from_host(be, &layout, &ck.m, &ck.v, ck.state.adam_step)?;
+            let owned = shards
+                .as_ref()
+                .map_or(0..layout.specs.len(), |s| s[rank].clone());
+            let opt = AdamW::from_host_shard(be, &layout, owned, &ck.m, &ck.v, ck.state.adam_step)?;
             (ck.weights, opt, ck.state)
         }
         None => {
@@ -181,7 +201,10 @@ pub fn run<B: Backend>(
             };
             (
                 layout.init(&cfg.model, cfg.seed),
-                AdamW::new(be, &layout)?,
+                match &shards {
+                    Some(s) => AdamW::new_shard(be, &layout, s[rank].clone())?,
+                    None => AdamW::new(be, &layout)?,
+                },
                 state,
             )
         }
@@ -211,6 +234,7 @@ pub fn run<B: Backend>(
 
     // ------------------------------------------------------------ the loop
     let (g_micro, bins_per_step) = (cfg.packing.micro_steps, world * cfg.packing.micro_steps);
+    let bucket_floats = (cfg.dist.bucket_mb << 20) / std::mem::size_of::<f32>();
     let mut first_loss = f64::NAN;
     let mut last_loss = f64::NAN;
     let mut timed = (0.0f64, 0u64); // (seconds, tokens) of steps after the first of this invocation
@@ -246,17 +270,28 @@ pub fn run<B: Backend>(
             loss_sum += model.forward_backward(be, &batch, loss_scale)?;
         }
 
-        // ---- all-reduce: gradient sums and the loss sum across ranks
+        // ---- all-reduce: gradient sums and the loss sum across ranks. Under ZeRO-1 each
+        // rank receives only its shard's sums (reduce-scatter), so the squared gradient norm
+        // of the shards travels with the loss sum and the clip sees the global norm.
         if world > 1 {
-            for (grad, spec) in model.grads.iter_mut().zip(&layout.specs) {
-                let mut host = be.download(grad, spec.numel())?;
-                comm.all_reduce_sum(&mut host)?;
-                be.upload(grad, &host)?;
+            match &shards {
+                None => all_reduce_grads(be, comm, &layout, &mut model.grads, bucket_floats)?,
+                Some(sh) => reduce_scatter_grads(be, comm, &layout, &mut model.grads, sh)?,
             }
-            let mut l = [loss_sum];
-            comm.all_reduce_sum_f64(&mut l)?;
-            loss_sum = l[0];
         }
+        let owned_grads: Vec<(&B::Buf, usize)> = opt
+            .owned
+            .clone()
+            .map(|i| (&model.grads[i], layout.specs[i].numel()))
+            .collect();
+        let mut sums = [loss_sum, be.sum_squares(&owned_grads)?];
+        drop(owned_grads);
+        match (world > 1, shards.is_some()) {
+            (true, true) => comm.all_reduce_sum_f64(&mut sums)?,
+            (true, false) => comm.all_reduce_sum_f64(&mut sums[..1])?,
+            (false, _) => {}
+        }
+        let (loss_sum, grad_sq) = (sums[0], sums[1]);
         let loss = loss_sum / step_targets.max(1) as f64;
         if !loss.is_finite() {
             return Err(TrainError::NonFinite {
@@ -265,14 +300,9 @@ pub fn run<B: Backend>(
             });
         }
 
-        // ---- clip by the global norm, then AdamW
-        let norms: Vec<(&B::Buf, usize)> = model
-            .grads
-            .iter()
-            .zip(&layout.specs)
-            .map(|(g, s)| (g, s.numel()))
-            .collect();
-        let grad_norm = be.sum_squares(&norms)?.sqrt();
+        // ---- clip by the global norm, then AdamW (of this rank's shard under ZeRO-1, whose
+        // updated weights every rank then gathers)
+        let grad_norm = grad_sq.sqrt();
         let clip = cfg.train.grad_clip;
         let clip_scale = if clip > 0.0 && grad_norm > clip {
             clip / grad_norm
@@ -289,6 +319,9 @@ pub fn run<B: Backend>(
             lr,
             clip_scale as f32,
         )?;
+        if let Some(sh) = &shards {
+            all_gather_params(be, comm, &layout, &mut model.params, sh)?;
+        }
         be.synchronize()?;
 
         // ---- bookkeeping
@@ -341,16 +374,37 @@ pub fn run<B: Backend>(
             bar.set_message(format!("loss {loss:.3}"));
         }
         let every = cfg.train.checkpoint_every as u64;
-        if root && every > 0 && state.step % every == 0 && (state.step as usize) < total_steps {
-            save_checkpoint(be, &opts.run_dir, cfg, &model, &opt, &state)?;
+        if every > 0 && state.step % every == 0 && (state.step as usize) < total_steps {
+            // Under ZeRO-1 every rank sends its moments to rank 0, which writes.
+            if let Some(moments) = moments_on_root(be, comm, &layout, &opt, shards.as_deref())? {
+                save_checkpoint(be, &opts.run_dir, cfg, &model, &moments, &state)?;
+            }
         }
     }
     crate::cli::progress::finish();
 
     // ------------------------------------------------------------ the end of the run
-    if root && steps_here > 0 {
-        let dir = save_checkpoint(be, &opts.run_dir, cfg, &model, &opt, &state)?;
+    let final_moments = match steps_here {
+        0 => None,
+        _ => moments_on_root(be, comm, &layout, &opt, shards.as_deref())?,
+    };
+    if let Some(moments) = final_moments {
+        let dir = save_checkpoint(be, &opts.run_dir, cfg, &model, &moments, &state)?;
         tracing::info!(checkpoint = %dir.display(), "saved");
+        // The final weights also as a transformers model directory.
+        let hf_dir = opts.run_dir.join("hf");
+        let save = crate::model::hf::SaveOptions {
+            max_position_embeddings: cfg.data.max_doc_tokens,
+            bos_token_id: cfg.data.bos_token_id,
+            eos_token_id: cfg.data.eos_token_id,
+            tokenizer_dir: cfg
+                .data
+                .tokenizer
+                .as_ref()
+                .and_then(|t| t.parent().map(Path::to_path_buf)),
+            ..Default::default()
+        };
+        crate::model::hf::save_dir(&hf_dir, &cfg.model, &model.weights_to_host(be)?, &save)?;
         let mpath = opts.run_dir.join("metrics.jsonl");
         let all = MetricsLog::read_all(&mpath).map_err(io_err(&mpath))?;
         let png = opts.run_dir.join("loss.png");
@@ -382,18 +436,156 @@ fn save_checkpoint<B: Backend>(
     run_dir: &Path,
     cfg: &Config,
     model: &Llama<B>,
-    opt: &AdamW<B>,
+    (m, v): &HostMoments,
     state: &TrainState,
 ) -> Result<PathBuf, TrainError> {
     let weights = model.weights_to_host(be)?;
-    let (m, v) = opt.to_host(be, &model.layout)?;
     Ok(checkpoint::save(
         run_dir,
         cfg,
         &model.layout,
         state,
         &weights,
-        &m,
-        &v,
+        m,
+        v,
     )?)
+}
+
+// ------------------------------------------------------------ gradients and shards across ranks
+//
+// The host path: gradients and weights go through host buffers to the communicator (the CPU
+// backend's buffers are host memory already).
+
+/// Elements of each consecutive segment of a layout-order flat buffer, one per shard.
+fn shard_counts(layout: &ParamLayout, shards: &[Range<usize>]) -> Vec<usize> {
+    shards
+        .iter()
+        .map(|r| layout.specs[r.clone()].iter().map(|s| s.numel()).sum())
+        .collect()
+}
+
+/// Start of each tensor in a layout-order flat buffer.
+fn tensor_offsets(layout: &ParamLayout) -> Vec<usize> {
+    let mut at = 0;
+    layout
+        .specs
+        .iter()
+        .map(|s| {
+            let o = at;
+            at += s.numel();
+            o
+        })
+        .collect()
+}
+
+/// Sum every gradient across ranks: consecutive tensors share one all-reduce of at most
+/// `bucket_floats` elements (`dist.bucket_mb`; a larger tensor goes alone).
+fn all_reduce_grads<B: Backend>(
+    be: &B,
+    comm: &dyn Comm,
+    layout: &ParamLayout,
+    grads: &mut [B::Buf],
+    bucket_floats: usize,
+) -> Result<(), TrainError> {
+    let n = layout.specs.len();
+    let mut host = Vec::new();
+    let mut i = 0;
+    while i < n {
+        host.clear();
+        let mut j = i;
+        while j < n && (j == i || host.len() + layout.specs[j].numel() <= bucket_floats) {
+            host.extend(be.download(&grads[j], layout.specs[j].numel())?);
+            j += 1;
+        }
+        comm.all_reduce_sum(&mut host)?;
+        let mut at = 0;
+        for (grad, spec) in grads[i..j].iter_mut().zip(&layout.specs[i..j]) {
+            be.upload(grad, &host[at..at + spec.numel()])?;
+            at += spec.numel();
+        }
+        i = j;
+    }
+    Ok(())
+}
+
+/// ZeRO-1: sum the gradients across ranks into their owners; afterwards this rank's gradients
+/// of the tensors `shards[rank]` are the global sums (the others stay local and unused).
+fn reduce_scatter_grads<B: Backend>(
+    be: &B,
+    comm: &dyn Comm,
+    layout: &ParamLayout,
+    grads: &mut [B::Buf],
+    shards: &[Range<usize>],
+) -> Result<(), TrainError> {
+    let mut flat = Vec::with_capacity(layout.numel());
+    for (g, s) in grads.iter().zip(&layout.specs) {
+        flat.extend(be.download(g, s.numel())?);
+    }
+    comm.reduce_scatter_sum(&mut flat, &shard_counts(layout, shards))?;
+    let off = tensor_offsets(layout);
+    for i in shards[comm.rank()].clone() {
+        let n = layout.specs[i].numel();
+        be.upload(&mut grads[i], &flat[off[i]..off[i] + n])?;
+    }
+    Ok(())
+}
+
+/// ZeRO-1: every rank's updated shard of the weights to every rank.
+fn all_gather_params<B: Backend>(
+    be: &B,
+    comm: &dyn Comm,
+    layout: &ParamLayout,
+    params: &mut [B::Buf],
+    shards: &[Range<usize>],
+) -> Result<(), TrainError> {
+    let off = tensor_offsets(layout);
+    let mine = shards[comm.rank()].clone();
+    let mut flat = vec![0.0f32; layout.numel()];
+    for i in mine.clone() {
+        let n = layout.specs[i].numel();
+        flat[off[i]..off[i] + n].copy_from_slice(&be.download(&params[i], n)?);
+    }
+    comm.all_gather(&mut flat, &shard_counts(layout, shards))?;
+    for (i, p) in params.iter_mut().enumerate() {
+        if !mine.contains(&i) {
+            let n = layout.specs[i].numel();
+            be.upload(p, &flat[off[i]..off[i] + n])?;
+        }
+    }
+    Ok(())
+}
+
+/// Every tensor's AdamW moments on rank 0, `None` on the others. Under ZeRO-1 the shards are
+/// gathered, so every rank must call this at the same point.
+fn moments_on_root<B: Backend>(
+    be: &B,
+    comm: &dyn Comm,
+    layout: &ParamLayout,
+    opt: &AdamW<B>,
+    shards: Option<&[Range<usize>]>,
+) -> Result<Option<HostMoments>, TrainError> {
+    let Some(shards) = shards else {
+        return Ok(if comm.is_root() {
+            Some(opt.to_host(be, layout)?)
+        } else {
+            None
+        });
+    };
+    let (m, v) = opt.to_host(be, layout)?;
+    let (off, counts) = (tensor_offsets(layout), shard_counts(layout, shards));
+    let gather = |part: Vec<Vec<f32>>| -> Result<Vec<Vec<f32>>, TrainError> {
+        let mut flat = vec![0.0f32; layout.numel()];
+        for i in opt.owned.clone() {
+            flat[off[i]..off[i] + part[i].len()].copy_from_slice(&part[i]);
+        }
+        comm.gather_to_root(&mut flat, &counts)?;
+        Ok(layout
+            .specs
+            .iter()
+            .zip(&off)
+            .map(|(s, &o)| flat[o..o + s.numel()].to_vec())
+            .collect())
+    };
+    let (m, v) = (gather(m)?, gather(v)?);
+    Ok(comm.is_root().then_some((m, v)))
 }

@@ -82,9 +82,11 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
 
 /// A config that trains the small model on a small synthetic corpus in a second or two.
 pub fn small_run_config(cache_dir: &std::path::Path) -> Config {
-    let mut c = Config::default();
-    c.name = "test".into();
-    c.device = packtrain::config::DeviceKind::Cpu;
+    let mut c = Config {
+        name: "test".into(),
+        device: packtrain::config::DeviceKind::Cpu,
+        ..Config::default()
+    };
     c.model = ModelConfig {
         vocab_size: 64,
         d_model: 32,

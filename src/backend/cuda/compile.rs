@@ -63,7 +63,9 @@ pub fn cuda_include_dir() -> Option<PathBuf> {
         .iter()
         .filter_map(|v| std::env::var_os(v).map(PathBuf::from))
         .chain(std::iter::once(PathBuf::from("/usr/local/cuda")));
-    candidates.map(|p| p.join("include")).find(|p| p.join("cuda_bf16.h").is_file())
+    candidates
+        .map(|p| p.join("include"))
+        .find(|p| p.join("cuda_bf16.h").is_file())
 }
 
 /// Where compiled kernels are cached: `$PACKTRAIN_KERNEL_CACHE`, else `$XDG_CACHE_HOME/packtrain/kernels`,
@@ -101,7 +103,10 @@ pub fn arch_name(major: i32, minor: i32) -> Result<&'static str, CudaError> {
 /// The source NVRTC sees: the shared header pasted in front of the file, so each module
 /// compiles on its own without a file-system include of our own headers.
 fn full_source(file: &KernelSource) -> String {
-    let common = SOURCES.iter().find(|s| s.file == "common.cuh").map_or("", |s| s.source);
+    let common = SOURCES
+        .iter()
+        .find(|s| s.file == "common.cuh")
+        .map_or("", |s| s.source);
     if file.file == "common.cuh" {
         return String::new();
     }
@@ -117,7 +122,10 @@ pub fn compile(file: &KernelSource, arch: &'static str) -> Result<Ptx, CudaError
     let src = full_source(file);
     let options = ["--std=c++17", "--use_fast_math=false"];
     let key = xxhash_rust::xxh3::xxh3_128(format!("{arch}\0{options:?}\0{src}").as_bytes());
-    let cached = cache_dir().join(format!("{}-{arch}-{key:032x}.ptx", file.file.trim_end_matches(".cu")));
+    let cached = cache_dir().join(format!(
+        "{}-{arch}-{key:032x}.ptx",
+        file.file.trim_end_matches(".cu")
+    ));
     if let Ok(text) = std::fs::read_to_string(&cached) {
         return Ok(Ptx::from_src(text));
     }
@@ -172,7 +180,11 @@ mod tests {
         std::env::set_var("PACKTRAIN_KERNEL_CACHE", dir.path());
         for file in SOURCES.iter().filter(|f| f.file.ends_with(".cu")) {
             let ptx = compile(file, "sm_90").unwrap_or_else(|e| panic!("{e}"));
-            assert!(ptx.to_src().contains(".entry"), "{} has no kernels", file.file);
+            assert!(
+                ptx.to_src().contains(".entry"),
+                "{} has no kernels",
+                file.file
+            );
         }
     }
 

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig};
 
 use super::{AdamWStep, AttnDims, Backend, BackendError};
 
@@ -84,9 +84,18 @@ pub fn probe_libraries() -> Result<(), CudaError> {
     // SAFETY: these only try to dlopen the libraries.
     let checks: [(&str, bool); 3] = unsafe {
         [
-            ("the CUDA driver (libcuda.so)", cudarc::driver::sys::is_culib_present()),
-            ("cuBLAS (libcublas.so)", cudarc::cublas::sys::is_culib_present()),
-            ("NVRTC (libnvrtc.so)", cudarc::nvrtc::sys::is_culib_present()),
+            (
+                "the CUDA driver (libcuda.so)",
+                cudarc::driver::sys::is_culib_present(),
+            ),
+            (
+                "cuBLAS (libcublas.so)",
+                cudarc::cublas::sys::is_culib_present(),
+            ),
+            (
+                "NVRTC (libnvrtc.so)",
+                cudarc::nvrtc::sys::is_culib_present(),
+            ),
         ]
     };
     for (what, present) in checks {
@@ -105,13 +114,18 @@ impl CudaBackend {
     /// Open GPU `ordinal`, compile (or load from the cache) every kernel.
     pub fn new(ordinal: usize) -> Result<Self, CudaError> {
         probe_libraries()?;
-        let d = |op| move |e: cudarc::driver::DriverError| CudaError::Driver {
-            op,
-            message: format!("{e:?}"),
+        let d = |op| {
+            move |e: cudarc::driver::DriverError| CudaError::Driver {
+                op,
+                message: format!("{e:?}"),
+            }
         };
-        let count = CudaContext::device_count().map_err(|e| CudaError::NoDevice(format!("{e:?}")))?;
+        let count =
+            CudaContext::device_count().map_err(|e| CudaError::NoDevice(format!("{e:?}")))?;
         if ordinal as i32 >= count {
-            return Err(CudaError::NoDevice(format!("GPU {ordinal} asked for, {count} present")));
+            return Err(CudaError::NoDevice(format!(
+                "GPU {ordinal} asked for, {count} present"
+            )));
         }
         let ctx = CudaContext::new(ordinal).map_err(d("cuCtxCreate"))?;
         // One stream does all the work, so cudarc's cross-stream event tracking is not needed.
@@ -136,7 +150,9 @@ impl CudaBackend {
                 .collect();
             let module = ctx.load_module(ptx).map_err(d("cuModuleLoadData"))?;
             for name in names {
-                let f = module.load_function(&name).map_err(d("cuModuleGetFunction"))?;
+                let f = module
+                    .load_function(&name)
+                    .map_err(d("cuModuleGetFunction"))?;
                 kernels.insert(name, f);
             }
         }
@@ -153,7 +169,9 @@ impl CudaBackend {
 
     /// A compiled kernel by its `extern "C"` name.
     pub(crate) fn kernel(&self, name: &str) -> Result<&CudaFunction, BackendError> {
-        self.kernels.get(name).ok_or_else(|| CudaError::NoKernel(name.to_string()).into())
+        self.kernels
+            .get(name)
+            .ok_or_else(|| CudaError::NoKernel(name.to_string()).into())
     }
 
     /// Bytes of device memory in use on this GPU (all processes), for peak-memory reports.
@@ -162,7 +180,12 @@ impl CudaBackend {
         Ok(total - free)
     }
 
-    fn check_len(op: &'static str, what: &str, have: usize, need: usize) -> Result<(), BackendError> {
+    fn check_len(
+        op: &'static str,
+        what: &str,
+        have: usize,
+        need: usize,
+    ) -> Result<(), BackendError> {
         if have < need {
             return Err(BackendError::Shape {
                 op,
@@ -206,11 +229,16 @@ impl Backend for CudaBackend {
     }
 
     fn alloc(&self, len: usize) -> Result<Self::Buf, BackendError> {
-        self.stream.alloc_zeros::<f32>(len.max(1)).map_err(drv("alloc"))
+        self.stream
+            .alloc_zeros::<f32>(len.max(1))
+            .map_err(drv("alloc"))
     }
     fn alloc_idx(&self, len: usize) -> Result<Self::IdxBuf, BackendError> {
         Ok(CudaIdx {
-            dev: self.stream.alloc_zeros::<i32>(len.max(1)).map_err(drv("alloc_idx"))?,
+            dev: self
+                .stream
+                .alloc_zeros::<i32>(len.max(1))
+                .map_err(drv("alloc_idx"))?,
             host: Vec::new(),
         })
     }
@@ -223,7 +251,9 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let mut view = dst.slice_mut(..src.len());
-        self.stream.memcpy_htod(src, &mut view).map_err(drv("upload"))
+        self.stream
+            .memcpy_htod(src, &mut view)
+            .map_err(drv("upload"))
     }
     fn upload_idx(&self, dst: &mut Self::IdxBuf, src: &[i32]) -> Result<(), BackendError> {
         Self::check_len("upload_idx", "destination", dst.dev.len(), src.len())?;
@@ -233,13 +263,17 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let mut view = dst.dev.slice_mut(..src.len());
-        self.stream.memcpy_htod(src, &mut view).map_err(drv("upload_idx"))
+        self.stream
+            .memcpy_htod(src, &mut view)
+            .map_err(drv("upload_idx"))
     }
     fn download(&self, src: &Self::Buf, len: usize) -> Result<Vec<f32>, BackendError> {
         Self::check_len("download", "source", src.len(), len)?;
         let mut out = vec![0.0f32; len];
         if len > 0 {
-            self.stream.memcpy_dtoh(&src.slice(..len), &mut out).map_err(drv("download"))?;
+            self.stream
+                .memcpy_dtoh(&src.slice(..len), &mut out)
+                .map_err(drv("download"))?;
         }
         self.stream.synchronize().map_err(drv("download"))?;
         Ok(out)
@@ -259,16 +293,32 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let mut view = dst.slice_mut(..len);
-        self.stream.memcpy_dtod(&src.slice(..len), &mut view).map_err(drv("copy"))
+        self.stream
+            .memcpy_dtod(&src.slice(..len), &mut view)
+            .map_err(drv("copy"))
     }
     fn synchronize(&self) -> Result<(), BackendError> {
         self.stream.synchronize().map_err(drv("synchronize"))
     }
 
-    fn embedding_forward(&self, out: &mut Self::Buf, tokens: &CudaIdx, wte: &Self::Buf, t: usize, c: usize) -> Result<(), BackendError> {
+    fn embedding_forward(
+        &self,
+        out: &mut Self::Buf,
+        tokens: &CudaIdx,
+        wte: &Self::Buf,
+        t: usize,
+        c: usize,
+    ) -> Result<(), BackendError> {
         ops::embedding::forward(self, out, tokens, wte, t, c)
     }
-    fn embedding_backward(&self, dwte: &mut Self::Buf, dout: &Self::Buf, tokens: &CudaIdx, t: usize, c: usize) -> Result<(), BackendError> {
+    fn embedding_backward(
+        &self,
+        dwte: &mut Self::Buf,
+        dout: &Self::Buf,
+        tokens: &CudaIdx,
+        t: usize,
+        c: usize,
+    ) -> Result<(), BackendError> {
         ops::embedding::backward(self, dwte, dout, tokens, t, c)
     }
     fn rmsnorm_forward(
@@ -322,10 +372,22 @@ impl Backend for CudaBackend {
     ) -> Result<(), BackendError> {
         ops::matmul::backward(self, dx, dw, dbias, dout, x, w, t, ic, oc)
     }
-    fn rope_forward(&self, qkv: &mut Self::Buf, positions: &CudaIdx, inv_freq: &Self::Buf, dims: AttnDims) -> Result<(), BackendError> {
+    fn rope_forward(
+        &self,
+        qkv: &mut Self::Buf,
+        positions: &CudaIdx,
+        inv_freq: &Self::Buf,
+        dims: AttnDims,
+    ) -> Result<(), BackendError> {
         ops::rope::apply(self, qkv, positions, inv_freq, dims, false)
     }
-    fn rope_backward(&self, dqkv: &mut Self::Buf, positions: &CudaIdx, inv_freq: &Self::Buf, dims: AttnDims) -> Result<(), BackendError> {
+    fn rope_backward(
+        &self,
+        dqkv: &mut Self::Buf,
+        positions: &CudaIdx,
+        inv_freq: &Self::Buf,
+        dims: AttnDims,
+    ) -> Result<(), BackendError> {
         ops::rope::apply(self, dqkv, positions, inv_freq, dims, true)
     }
     fn attention_forward(
@@ -350,13 +412,31 @@ impl Backend for CudaBackend {
     ) -> Result<(), BackendError> {
         ops::attention::backward(self, dqkv, dout, qkv, out, lse, cu_seqlens, dims)
     }
-    fn swiglu_forward(&self, out: &mut Self::Buf, gate_up: &Self::Buf, t: usize, f: usize) -> Result<(), BackendError> {
+    fn swiglu_forward(
+        &self,
+        out: &mut Self::Buf,
+        gate_up: &Self::Buf,
+        t: usize,
+        f: usize,
+    ) -> Result<(), BackendError> {
         ops::swiglu::forward(self, out, gate_up, t, f)
     }
-    fn swiglu_backward(&self, dgate_up: &mut Self::Buf, dout: &Self::Buf, gate_up: &Self::Buf, t: usize, f: usize) -> Result<(), BackendError> {
+    fn swiglu_backward(
+        &self,
+        dgate_up: &mut Self::Buf,
+        dout: &Self::Buf,
+        gate_up: &Self::Buf,
+        t: usize,
+        f: usize,
+    ) -> Result<(), BackendError> {
         ops::swiglu::backward(self, dgate_up, dout, gate_up, t, f)
     }
-    fn add_inplace(&self, acc: &mut Self::Buf, x: &Self::Buf, n: usize) -> Result<(), BackendError> {
+    fn add_inplace(
+        &self,
+        acc: &mut Self::Buf,
+        x: &Self::Buf,
+        n: usize,
+    ) -> Result<(), BackendError> {
         ops::elementwise::add_inplace(self, acc, x, n)
     }
     fn classifier(

@@ -16,15 +16,14 @@ __device__ __forceinline__ float warp_max(float v) {
 }
 
 // Sum over a block of up to 1024 threads; `scratch` holds 32 floats of shared memory.
-// Every thread gets the result.
+// Every thread gets the result: each warp re-reads all the warp partials.
 __device__ __forceinline__ float block_sum(float v, float* scratch) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int nwarps = (blockDim.x + 31) >> 5;
     v = warp_sum(v);
-    __syncthreads();
+    __syncthreads();  // scratch may still be read by a previous call
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
-    int nwarps = (blockDim.x + 31) >> 5;
-    v = (threadIdx.x < nwarps) ? scratch[threadIdx.x] : 0.0f;
-    v = warp_sum(v);
-    return v;
+    v = (lane < nwarps) ? scratch[lane] : 0.0f;
+    return warp_sum(v);
 }

@@ -23,7 +23,19 @@ pub fn forward(
     need("matmul_forward", "x", x.len(), t * ic)?;
     need("matmul_forward", "w", w.len(), oc * ic)?;
     let (po, px, pw) = (be.ptr(out), be.ptr(x), be.ptr(w));
-    be.gemm(false, true, t, oc, ic, 1.0, Mat::new(px, ic), Mat::new(pw, ic), 0.0, Mat::new(po, oc), 1)?;
+    be.gemm(
+        false,
+        true,
+        t,
+        oc,
+        ic,
+        1.0,
+        Mat::new(px, ic),
+        Mat::new(pw, ic),
+        0.0,
+        Mat::new(po, oc),
+        1,
+    )?;
     if let Some(b) = bias {
         need("matmul_forward", "bias", b.len(), oc)?;
         let (t32, oc32) = (t as i32, oc as i32);
@@ -54,8 +66,32 @@ pub fn backward(
     need("matmul_backward", "x", x.len(), t * ic)?;
     need("matmul_backward", "w", w.len(), oc * ic)?;
     let (pdx, pdw, pdo, px, pw) = (be.ptr(dx), be.ptr(dw), be.ptr(dout), be.ptr(x), be.ptr(w));
-    be.gemm(false, false, t, ic, oc, 1.0, Mat::new(pdo, oc), Mat::new(pw, ic), 1.0, Mat::new(pdx, ic), 1)?;
-    be.gemm(true, false, oc, ic, t, 1.0, Mat::new(pdo, oc), Mat::new(px, ic), 1.0, Mat::new(pdw, ic), 1)?;
+    be.gemm(
+        false,
+        false,
+        t,
+        ic,
+        oc,
+        1.0,
+        Mat::new(pdo, oc),
+        Mat::new(pw, ic),
+        1.0,
+        Mat::new(pdx, ic),
+        1,
+    )?;
+    be.gemm(
+        true,
+        false,
+        oc,
+        ic,
+        t,
+        1.0,
+        Mat::new(pdo, oc),
+        Mat::new(px, ic),
+        1.0,
+        Mat::new(pdw, ic),
+        1,
+    )?;
     if let Some(db) = dbias {
         need("matmul_backward", "dbias", db.len(), oc)?;
         let (t32, oc32) = (t as i32, oc as i32);

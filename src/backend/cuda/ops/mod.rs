@@ -14,7 +14,12 @@ pub mod swiglu;
 use crate::backend::BackendError;
 
 /// `have >= need`, else a shape error naming the op and the buffer.
-pub(crate) fn need(op: &'static str, what: &str, have: usize, need: usize) -> Result<(), BackendError> {
+pub(crate) fn need(
+    op: &'static str,
+    what: &str,
+    have: usize,
+    need: usize,
+) -> Result<(), BackendError> {
     if have < need {
         return Err(BackendError::Shape {
             op,
@@ -27,5 +32,8 @@ pub(crate) fn need(op: &'static str, what: &str, have: usize, need: usize) -> Re
 /// The error of an op this backend does not have yet.
 #[allow(dead_code)]
 pub(crate) fn unsupported(op: &'static str) -> BackendError {
-    BackendError::Unsupported { op, backend: "cuda" }
+    BackendError::Unsupported {
+        op,
+        backend: "cuda",
+    }
 }

@@ -1,19 +1,190 @@
-//! TODO: rmsnorm (stub: returns Unsupported until written)
-#![allow(unused_variables, unused_imports)]
+//! RMSNorm forward and backward (kernels and math in `rmsnorm.cu`). dweight is reduced
+//! deterministically: per-block partials over blocks of `ROWS` rows into a scratch buffer,
+//! then added in block order (the CPU reference's order).
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
-use super::unsupported;
-use crate::backend::cuda::{CudaBackend, CudaIdx};
-use crate::backend::{AdamWStep, AttnDims, BackendError};
+use super::elementwise::{dim_i32, prod};
+use super::need;
+use crate::backend::cuda::{drv, grid_1d, launch, CudaBackend};
+use crate::backend::BackendError;
 
-#[allow(clippy::too_many_arguments)]
-pub fn forward(be: &CudaBackend, out: &mut CudaSlice<f32>, rstd: &mut CudaSlice<f32>, x: &CudaSlice<f32>, weight: &CudaSlice<f32>, t: usize, c: usize, eps: f32) -> Result<(), BackendError> {
-    Err(unsupported("rmsnorm_forward"))
+/// Rows per dweight partial; must equal `RMSNORM_ROWS` in `rmsnorm.cu`.
+const ROWS: usize = 256;
+/// Warps (rows) per block of the row kernels.
+const ROW_WARPS: usize = 8;
+/// Threads (columns) per block of the dweight kernels.
+const COL_THREADS: u32 = 128;
+
+/// One warp per row: blocks of `ROW_WARPS` warps.
+fn warp_per_row(t: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (t.div_ceil(ROW_WARPS).max(1) as u32, 1, 1),
+        block_dim: (32 * ROW_WARPS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
+/// out `[T, C]` and rstd `[T]` overwritten.
 #[allow(clippy::too_many_arguments)]
-pub fn backward(be: &CudaBackend, dx: &mut CudaSlice<f32>, dweight: &mut CudaSlice<f32>, dout: &CudaSlice<f32>, x: &CudaSlice<f32>, weight: &CudaSlice<f32>, rstd: &CudaSlice<f32>, t: usize, c: usize) -> Result<(), BackendError> {
-    Err(unsupported("rmsnorm_backward"))
+pub fn forward(
+    be: &CudaBackend,
+    out: &mut CudaSlice<f32>,
+    rstd: &mut CudaSlice<f32>,
+    x: &CudaSlice<f32>,
+    weight: &CudaSlice<f32>,
+    t: usize,
+    c: usize,
+    eps: f32,
+) -> Result<(), BackendError> {
+    const OP: &str = "rmsnorm_forward";
+    let n = prod(OP, &[t, c])?;
+    need(OP, "out [T, C]", out.len(), n)?;
+    need(OP, "rstd [T]", rstd.len(), t)?;
+    need(OP, "x [T, C]", x.len(), n)?;
+    need(OP, "weight [C]", weight.len(), c)?;
+    if t == 0 || c == 0 {
+        return Ok(());
+    }
+    let (t32, c32) = (dim_i32(OP, "T", t)?, dim_i32(OP, "C", c)?);
+    // Checked: out and x hold T C, rstd T, weight C.
+    launch(be, "rmsnorm_forward", warp_per_row(t), |a| {
+        a.arg(out)
+            .arg(rstd)
+            .arg(x)
+            .arg(weight)
+            .arg(&t32)
+            .arg(&c32)
+            .arg(&eps);
+    })
 }
 
+/// dx `[T, C]` += (the residual stream), dweight `[C]` += (deterministic).
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    be: &CudaBackend,
+    dx: &mut CudaSlice<f32>,
+    dweight: &mut CudaSlice<f32>,
+    dout: &CudaSlice<f32>,
+    x: &CudaSlice<f32>,
+    weight: &CudaSlice<f32>,
+    rstd: &CudaSlice<f32>,
+    t: usize,
+    c: usize,
+) -> Result<(), BackendError> {
+    const OP: &str = "rmsnorm_backward";
+    let n = prod(OP, &[t, c])?;
+    need(OP, "dx [T, C]", dx.len(), n)?;
+    need(OP, "dweight [C]", dweight.len(), c)?;
+    need(OP, "dout [T, C]", dout.len(), n)?;
+    need(OP, "x [T, C]", x.len(), n)?;
+    need(OP, "weight [C]", weight.len(), c)?;
+    need(OP, "rstd [T]", rstd.len(), t)?;
+    if t == 0 || c == 0 {
+        return Ok(());
+    }
+    let (t32, c32) = (dim_i32(OP, "T", t)?, dim_i32(OP, "C", c)?);
+    // Checked: dx, dout, x hold T C, weight C, rstd T.
+    launch(be, "rmsnorm_backward_dx", warp_per_row(t), |a| {
+        a.arg(dx)
+            .arg(dout)
+            .arg(x)
+            .arg(weight)
+            .arg(rstd)
+            .arg(&t32)
+            .arg(&c32);
+    })?;
+
+    let blocks = t.div_ceil(ROWS);
+    let blocks32 = dim_i32(OP, "T / 256 (dweight partials)", blocks)?;
+    if blocks > 65_535 {
+        return Err(BackendError::Shape {
+            op: OP,
+            message: format!("T = {t} needs {blocks} dweight partials, more than a grid's 65535"),
+        });
+    }
+    let mut partial = be.stream.alloc_zeros::<f32>(blocks * c).map_err(drv(OP))?;
+    let cfg = LaunchConfig {
+        grid_dim: (c.div_ceil(COL_THREADS as usize) as u32, blocks as u32, 1),
+        block_dim: (COL_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // Checked: partial holds ceil(T / ROWS) C (allocated above), dout and x T C, rstd T.
+    launch(be, "rmsnorm_backward_dweight_partial", cfg, |a| {
+        a.arg(&mut partial)
+            .arg(dout)
+            .arg(x)
+            .arg(rstd)
+            .arg(&t32)
+            .arg(&c32);
+    })?;
+    // Checked: dweight holds C, partial ceil(T / ROWS) C.
+    launch(
+        be,
+        "rmsnorm_backward_dweight_reduce",
+        grid_1d(c, COL_THREADS),
+        |a| {
+            a.arg(dweight).arg(&partial).arg(&blocks32).arg(&c32);
+        },
+    )
+    // `partial` is freed stream-ordered (cuMemFreeAsync) after the reduce.
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::elementwise::gpu_test::*;
+    use crate::backend::Backend;
+
+    /// CUDA against the CPU on a GPU only; T = 2 ROWS + 45 (three dweight partials, the last
+    /// ragged), C = 100. Tolerance 1e-5 relative: both sum ~100 or ~256 f32 terms in
+    /// different orders (warp tree vs sequential), a few ulp each.
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn cuda_rmsnorm_matches_cpu() {
+        let (be, cpu, mut rng) = setup(52);
+        let (t, c, eps) = (2 * super::ROWS + 45, 100, 1e-5);
+        let (x, w, dout) = (
+            randv(&mut rng, t * c),
+            randv(&mut rng, c),
+            randv(&mut rng, t * c),
+        );
+        let (dx0, dw0) = (randv(&mut rng, t * c), randv(&mut rng, c));
+        let (mut out_c, mut rstd_c) = (vec![0.0; t * c], vec![0.0; t]);
+        cpu.rmsnorm_forward(&mut out_c, &mut rstd_c, &x, &w, t, c, eps)
+            .unwrap();
+        let (xg, wg) = (up(&be, &x), up(&be, &w));
+        let (mut out_g, mut rstd_g) =
+            (up(&be, &vec![f32::NAN; t * c]), up(&be, &vec![f32::NAN; t]));
+        be.rmsnorm_forward(&mut out_g, &mut rstd_g, &xg, &wg, t, c, eps)
+            .unwrap();
+        close("rmsnorm out", &down(&be, &out_g, t * c), &out_c, 1e-5);
+        close("rmsnorm rstd", &down(&be, &rstd_g, t), &rstd_c, 1e-5);
+        let (mut dx_c, mut dw_c) = (dx0.clone(), dw0.clone());
+        cpu.rmsnorm_backward(&mut dx_c, &mut dw_c, &dout, &x, &w, &rstd_c, t, c)
+            .unwrap();
+        let (mut dx_g, mut dw_g) = (up(&be, &dx0), up(&be, &dw0));
+        be.rmsnorm_backward(
+            &mut dx_g,
+            &mut dw_g,
+            &up(&be, &dout),
+            &xg,
+            &wg,
+            &rstd_g,
+            t,
+            c,
+        )
+        .unwrap();
+        close("rmsnorm dx", &down(&be, &dx_g, t * c), &dx_c, 1e-5);
+        close("rmsnorm dweight", &down(&be, &dw_g, c), &dw_c, 1e-5);
+        // dweight is deterministic: the same call again adds bitwise the same amount.
+        let once = down(&be, &dw_g, c);
+        let mut dw_h = up(&be, &once);
+        let mut dw_i = up(&be, &once);
+        let dout_g = up(&be, &dout);
+        be.rmsnorm_backward(&mut dx_g, &mut dw_h, &dout_g, &xg, &wg, &rstd_g, t, c)
+            .unwrap();
+        be.rmsnorm_backward(&mut dx_g, &mut dw_i, &dout_g, &xg, &wg, &rstd_g, t, c)
+            .unwrap();
+        assert_eq!(down(&be, &dw_h, c), down(&be, &dw_i, c));
+    }
+}

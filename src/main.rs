@@ -133,6 +133,8 @@ fn train_cmd(args: TrainArgs) -> anyhow::Result<()> {
     // Rank, world and the communicator from MPI or the launcher's environment (src/dist).
     let comm = dist::bootstrap(&opts.config.dist)?;
     let summary = dist::tag_rank(comm.as_ref(), train::train(&opts, comm.as_ref()))?;
-    println!("\npacktrain: run summary\n{}", summary.table());
+    if comm.is_root() {
+        println!("\npacktrain: run summary\n{}", summary.table());
+    }
     Ok(())
 }

@@ -953,8 +953,8 @@ mod tests {
         assert!(render(&rows).ends_with("1 passed, 0 failed\n"));
     }
 
-    /// A backend whose `add_inplace` writes one element too many and whose `scale` forgets
-    /// the last element: both are caught.
+    /// An op writing past its dims, one leaving an output unwritten and one the backend does
+    /// not have: each is a failure with its reason.
     #[test]
     fn out_of_bounds_and_unwritten_elements_are_caught() {
         let cpu = CpuBackend::new();
@@ -972,8 +972,16 @@ mod tests {
             let b = io.poisoned(3)?;
             io.output("out", &b, 3)
         });
+        c.case("stub", "add", |_| {
+            Err(BackendError::Unsupported {
+                op: "add_inplace",
+                backend: "cuda",
+            }
+            .into())
+        });
         let runs = c.runs;
         assert!(runs[0].result.as_ref().unwrap_err().contains("wrote past"));
+        assert_eq!(runs[2].result.as_ref().unwrap_err(), "unsupported");
         let rows = compare(&runs[1..], &runs[1..]);
         assert!(rows[0].failure.as_deref().unwrap().contains("non-finite"));
     }

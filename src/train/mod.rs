@@ -284,7 +284,12 @@ pub fn run<B: Backend>(
             .clone()
             .map(|i| (&model.grads[i], layout.specs[i].numel()))
             .collect();
-        let mut sums = [loss_sum, be.sum_squares(&owned_grads)?];
+        // A rank may own no tensor under ZeRO-1 (more ranks than tensors).
+        let owned_sq = match owned_grads.is_empty() {
+            true => 0.0,
+            false => be.sum_squares(&owned_grads)?,
+        };
+        let mut sums = [loss_sum, owned_sq];
         drop(owned_grads);
         match (world > 1, shards.is_some()) {
             (true, true) => comm.all_reduce_sum_f64(&mut sums)?,

@@ -287,6 +287,8 @@ fn eval_command_writes_transformers_losses() {
         save: Some(saved.clone()),
         save_dtype: None,
         save_max_shard_size: 5_000_000_000,
+        device: packtrain::cli::eval::EvalDevice::Cpu,
+        gpu: 0,
     };
     run(&args).unwrap();
     let got: Vec<Value> = std::fs::read_to_string(&out)

@@ -68,6 +68,19 @@ pub struct EvalArgs {
     /// KB, MB, GB (powers of 1000) or KiB, MiB, GiB.
     #[arg(long, value_name = "SIZE", default_value = "5GB", value_parser = parse_size)]
     pub save_max_shard_size: u64,
+    /// Backend: `cpu` (f32 reference) or `cuda` (GPU `--gpu`).
+    #[arg(long, value_enum, default_value_t = EvalDevice::Cpu)]
+    pub device: EvalDevice,
+    /// GPU ordinal for `--device cuda`.
+    #[arg(long, default_value_t = 0)]
+    pub gpu: usize,
+}
+
+/// Where `eval` runs the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EvalDevice {
+    Cpu,
+    Cuda,
 }
 
 /// `"5GB"`, `"100KB"`, `"2MiB"`, `"123"` as bytes.
@@ -284,15 +297,30 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
         },
     )?;
     let budget = args.tokens_per_batch.max(longest).max(1);
-    let be = CpuBackend::new();
-    let mut model = Llama::new(
-        &be,
-        model_files.config(),
-        &model_files.weights,
-        budget,
-        false,
-    )?;
-    let losses = document_losses(&be, &mut model, &store, budget)?;
+    let losses = match args.device {
+        EvalDevice::Cpu => {
+            let be = CpuBackend::new();
+            let mut model = Llama::new(
+                &be,
+                model_files.config(),
+                &model_files.weights,
+                budget,
+                false,
+            )?;
+            document_losses(&be, &mut model, &store, budget)?
+        }
+        EvalDevice::Cuda => {
+            let be = crate::backend::cuda::CudaBackend::new(args.gpu)?;
+            let mut model = Llama::new(
+                &be,
+                model_files.config(),
+                &model_files.weights,
+                budget,
+                false,
+            )?;
+            document_losses(&be, &mut model, &store, budget)?
+        }
+    };
 
     let mut sink: Box<dyn Write> = match &args.out {
         Some(p) => Box::new(std::io::BufWriter::new(

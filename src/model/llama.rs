@@ -359,7 +359,8 @@ impl<B: Backend> Llama<B> {
     /// Forward through every layer and the loss. Per-token losses are kept (see
     /// [`Llama::token_losses`]); returns their sum (unscaled).
     pub fn forward(&mut self, be: &B, batch: &DeviceBatch<B>) -> Result<f64, BackendError> {
-        self.forward_inner(be, batch, None)
+        self.forward_inner(be, batch, None)?;
+        self.loss_sum(be, batch.t)
     }
 
     fn forward_inner(
@@ -367,7 +368,7 @@ impl<B: Backend> Llama<B> {
         be: &B,
         batch: &DeviceBatch<B>,
         loss_scale: Option<f32>,
-    ) -> Result<f64, BackendError> {
+    ) -> Result<(), BackendError> {
         self.check_capacity(batch)?;
         let m = self.dims;
         let t = batch.t;
@@ -421,6 +422,11 @@ impl<B: Backend> Llama<B> {
                 )?
             }
         }
+        Ok(())
+    }
+
+    /// Sum of the per-token losses of the last forward (a host sync on a device backend).
+    fn loss_sum(&self, be: &B, t: usize) -> Result<f64, BackendError> {
         let losses = be.download(&self.losses, t)?;
         Ok(losses.iter().map(|&x| x as f64).sum())
     }
@@ -439,7 +445,9 @@ impl<B: Backend> Llama<B> {
         batch: &DeviceBatch<B>,
         loss_scale: f32,
     ) -> Result<f64, BackendError> {
-        let loss_sum = self.forward_inner(be, batch, Some(loss_scale))?;
+        // The loss is read back only after the backward is queued, so a device backend runs
+        // the whole micro-step without waiting for the host.
+        self.forward_inner(be, batch, Some(loss_scale))?;
         let m = self.dims;
         let t = batch.t;
         let n_layers = self.layout.layers.len();
@@ -472,7 +480,7 @@ impl<B: Backend> Llama<B> {
             t,
             m.c,
         )?;
-        Ok(loss_sum)
+        self.loss_sum(be, t)
     }
 
     /// Backward of layer `l`: on entry `dres` = d r2, on exit d r0; weight grads +=.

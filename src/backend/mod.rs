@@ -80,6 +80,49 @@ impl AttnDims {
     }
 }
 
+/// Check `cu_seqlens` (its leading N + 1 entries): starts at 0, never decreases, ends at T, no
+/// document longer than `max_seqlen`. Every backend's attention calls this before it trusts
+/// the offsets; the error names the op and the offending document.
+pub fn check_cu_seqlens(op: &'static str, cu: &[i32], dims: &AttnDims) -> Result<(), BackendError> {
+    let shape = |message: String| BackendError::Shape { op, message };
+    let n1 = dims
+        .n_docs
+        .checked_add(1)
+        .ok_or_else(|| shape("n_docs overflows".into()))?;
+    if cu.len() < n1 {
+        return Err(shape(format!(
+            "cu_seqlens [N + 1] holds {} entries, {n1} needed",
+            cu.len()
+        )));
+    }
+    let cu = &cu[..n1];
+    if cu[0] != 0 {
+        return Err(shape(format!("cu_seqlens[0] = {}, must be 0", cu[0])));
+    }
+    for (n, w) in cu.windows(2).enumerate() {
+        if w[1] < w[0] {
+            return Err(shape(format!(
+                "cu_seqlens decreases at document {n}: {} -> {}",
+                w[0], w[1]
+            )));
+        }
+        let len = (w[1] - w[0]) as usize;
+        if len > dims.max_seqlen {
+            return Err(shape(format!(
+                "document {n} has length {len} > max_seqlen {}",
+                dims.max_seqlen
+            )));
+        }
+    }
+    if cu[dims.n_docs] as usize != dims.t {
+        return Err(shape(format!(
+            "cu_seqlens ends at {}, must end at T = {}",
+            cu[dims.n_docs], dims.t
+        )));
+    }
+    Ok(())
+}
+
 /// Coarse ops with forward and backward. `Result` everywhere: a device op can fail.
 pub trait Backend {
     /// Float buffer (activations, parameters, gradients, optimizer moments).

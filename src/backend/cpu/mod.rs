@@ -100,43 +100,8 @@ fn check_cu<'a>(
     cu: &'a [i32],
     dims: &AttnDims,
 ) -> Result<&'a [i32], BackendError> {
-    let n1 = dims
-        .n_docs
-        .checked_add(1)
-        .ok_or_else(|| shape(op, "n_docs overflows".into()))?;
-    need(op, "cu_seqlens [N + 1]", cu, &[n1])?;
-    let cu = &cu[..n1];
-    if cu[0] != 0 {
-        return Err(shape(op, format!("cu_seqlens[0] = {}, must be 0", cu[0])));
-    }
-    for (n, w) in cu.windows(2).enumerate() {
-        if w[1] < w[0] {
-            return Err(shape(
-                op,
-                format!("cu_seqlens decreases at document {n}: {} -> {}", w[0], w[1]),
-            ));
-        }
-        let len = (w[1] - w[0]) as usize;
-        if len > dims.max_seqlen {
-            return Err(shape(
-                op,
-                format!(
-                    "document {n} has length {len} > max_seqlen {}",
-                    dims.max_seqlen
-                ),
-            ));
-        }
-    }
-    if cu[dims.n_docs] as usize != dims.t {
-        return Err(shape(
-            op,
-            format!(
-                "cu_seqlens ends at {}, must end at T = {}",
-                cu[dims.n_docs], dims.t
-            ),
-        ));
-    }
-    Ok(cu)
+    crate::backend::check_cu_seqlens(op, cu, dims)?;
+    Ok(&cu[..dims.n_docs + 1])
 }
 
 // ---------------------------------------------------------------- the backend

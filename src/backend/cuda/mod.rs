@@ -179,21 +179,6 @@ impl CudaBackend {
         let (free, total) = self.ctx.mem_get_info().map_err(drv("cuMemGetInfo"))?;
         Ok(total - free)
     }
-
-    fn check_len(
-        op: &'static str,
-        what: &str,
-        have: usize,
-        need: usize,
-    ) -> Result<(), BackendError> {
-        if have < need {
-            return Err(BackendError::Shape {
-                op,
-                message: format!("{what} holds {have} elements, {need} needed"),
-            });
-        }
-        Ok(())
-    }
 }
 
 /// Blocks of `threads` covering `n` items.
@@ -246,7 +231,7 @@ impl Backend for CudaBackend {
         buf.len()
     }
     fn upload(&self, dst: &mut Self::Buf, src: &[f32]) -> Result<(), BackendError> {
-        Self::check_len("upload", "destination", dst.len(), src.len())?;
+        ops::need("upload", "destination", dst.len(), src.len())?;
         if src.is_empty() {
             return Ok(());
         }
@@ -256,7 +241,7 @@ impl Backend for CudaBackend {
             .map_err(drv("upload"))
     }
     fn upload_idx(&self, dst: &mut Self::IdxBuf, src: &[i32]) -> Result<(), BackendError> {
-        Self::check_len("upload_idx", "destination", dst.dev.len(), src.len())?;
+        ops::need("upload_idx", "destination", dst.dev.len(), src.len())?;
         dst.host.clear();
         dst.host.extend_from_slice(src);
         if src.is_empty() {
@@ -268,7 +253,7 @@ impl Backend for CudaBackend {
             .map_err(drv("upload_idx"))
     }
     fn download(&self, src: &Self::Buf, len: usize) -> Result<Vec<f32>, BackendError> {
-        Self::check_len("download", "source", src.len(), len)?;
+        ops::need("download", "source", src.len(), len)?;
         let mut out = vec![0.0f32; len];
         if len > 0 {
             self.stream
@@ -279,7 +264,7 @@ impl Backend for CudaBackend {
         Ok(out)
     }
     fn zero(&self, buf: &mut Self::Buf, len: usize) -> Result<(), BackendError> {
-        Self::check_len("zero", "buffer", buf.len(), len)?;
+        ops::need("zero", "buffer", buf.len(), len)?;
         if len == 0 {
             return Ok(());
         }
@@ -287,8 +272,8 @@ impl Backend for CudaBackend {
         self.stream.memset_zeros(&mut view).map_err(drv("zero"))
     }
     fn copy(&self, dst: &mut Self::Buf, src: &Self::Buf, len: usize) -> Result<(), BackendError> {
-        Self::check_len("copy", "destination", dst.len(), len)?;
-        Self::check_len("copy", "source", src.len(), len)?;
+        ops::need("copy", "destination", dst.len(), len)?;
+        ops::need("copy", "source", src.len(), len)?;
         if len == 0 {
             return Ok(());
         }

@@ -90,7 +90,7 @@ fn check(op: &'static str, dims: &AttnDims, cu: &CudaIdx) -> Result<Vec<Span>, B
         hkv,
         d,
         n_docs,
-        max_seqlen,
+        max_seqlen: _,
     } = *dims;
     if h == 0 || hkv == 0 || d == 0 || !h.is_multiple_of(hkv) {
         return Err(shape(
@@ -105,31 +105,8 @@ fn check(op: &'static str, dims: &AttnDims, cu: &CudaIdx) -> Result<Vec<Span>, B
     need(op, "cu_seqlens [N + 1] (uploaded)", cu.host.len(), n1)?;
     need(op, "cu_seqlens [N + 1]", cu.dev.len(), n1)?;
     to_i32(op, "N + 1", n1)?;
+    crate::backend::check_cu_seqlens(op, &cu.host, dims)?;
     let cu = &cu.host[..n1];
-    if cu[0] != 0 {
-        return Err(shape(op, format!("cu_seqlens[0] = {}, must be 0", cu[0])));
-    }
-    for (n, w) in cu.windows(2).enumerate() {
-        if w[1] < w[0] {
-            return Err(shape(
-                op,
-                format!("cu_seqlens decreases at document {n}: {} -> {}", w[0], w[1]),
-            ));
-        }
-        let len = (w[1] - w[0]) as usize;
-        if len > max_seqlen {
-            return Err(shape(
-                op,
-                format!("document {n} has length {len} > max_seqlen {max_seqlen}"),
-            ));
-        }
-    }
-    if cu[n_docs] as usize != t {
-        return Err(shape(
-            op,
-            format!("cu_seqlens ends at {}, must end at T = {t}", cu[n_docs]),
-        ));
-    }
     Ok(spans(cu))
 }
 

@@ -480,7 +480,13 @@ pub fn op_cases<B: Backend>(be: &B, seed: u64, only: Option<&str>) -> Vec<CaseRu
     }
 
     // ------------------------------------------------------------ attention
-    for (d, h, hkv) in [(32usize, 8usize, 2usize), (64, 8, 8), (128, 4, 1)] {
+    // D = 64 and 128 take the CUDA backend's flash kernels (when enabled), GQA included.
+    for (d, h, hkv) in [
+        (32usize, 8usize, 2usize),
+        (64, 8, 8),
+        (64, 8, 2),
+        (128, 4, 1),
+    ] {
         c.case(
             format!("attention_forward[D={d},H={h},Hkv={hkv}]"),
             "attention",

@@ -52,6 +52,10 @@ pub const SOURCES: &[KernelSource] = &[
         source: include_str!("kernels/attention.cu"),
     },
     KernelSource {
+        file: "flash_attention.cu",
+        source: include_str!("kernels/flash_attention.cu"),
+    },
+    KernelSource {
         file: "classifier.cu",
         source: include_str!("kernels/classifier.cu"),
     },

@@ -1,5 +1,7 @@
 //! Varlen causal attention with GQA: strided-batched cuBLAS GEMMs over heads, one span of
 //! documents at a time, with row kernels (`kernels/attention.cu`) for the masked softmax.
+//! `forward`/`backward` hand head dims 64 and 128 to the flash kernels instead when
+//! `flash_attention::use_flash` says so (see there); this path serves every other shape.
 //!
 //! Shapes: qkv `[T, W]`, W = (H + 2 Hkv) D, row `[q: H D | k: Hkv D | v: Hkv D]`; out, dout
 //! `[T, H D]`; lse `[H, T]`; dqkv `[T, W]`. G = H / Hkv; query head h reads kv head h / G.
@@ -198,6 +200,9 @@ pub fn forward(
     dims: AttnDims,
 ) -> Result<(), BackendError> {
     const OP: &str = "attention_forward";
+    if super::flash_attention::use_flash(&dims) {
+        return super::flash_attention::forward(be, out, lse, qkv, cu_seqlens, dims);
+    }
     let spans = check(OP, &dims, cu_seqlens)?;
     let AttnDims { t, h, hkv, d, .. } = dims;
     let (w, hd, g) = (dims.qkv_width(), h * d, h / hkv);
@@ -271,6 +276,9 @@ pub fn backward(
     dims: AttnDims,
 ) -> Result<(), BackendError> {
     const OP: &str = "attention_backward";
+    if super::flash_attention::use_flash(&dims) {
+        return super::flash_attention::backward(be, dqkv, dout, qkv, out, lse, cu_seqlens, dims);
+    }
     let spans = check(OP, &dims, cu_seqlens)?;
     let AttnDims { t, h, hkv, d, .. } = dims;
     let (w, hd, g) = (dims.qkv_width(), h * d, h / hkv);

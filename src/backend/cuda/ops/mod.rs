@@ -6,6 +6,7 @@ pub mod attention;
 pub mod classifier;
 pub mod elementwise;
 pub mod embedding;
+pub mod flash_attention;
 pub mod matmul;
 pub mod rmsnorm;
 pub mod rope;

@@ -1,0 +1,461 @@
+//! Varlen causal flash attention (FlashAttention-2 style) for head dims 64 and 128:
+//! `kernels/flash_attention.cu`, bf16 tensor-core MMAs (`mma.sync m16n8k16`) with f32
+//! accumulation over f32 buffers, never materialising the scores.
+//!
+//! Scheduling: the host walks `cu_seqlens` (its mirror, no device sync) and lists the real
+//! (document, 64-row tile) pairs, longest work first, as int4 items `{start, len, tile, 0}`;
+//! one block per (item, head), so a batch of short documents costs sum(L^2) work and no
+//! block launches only to exit. Forward items are query tiles (work: tile + 1 key tiles, per
+//! query head); backward items are key tiles (work: the query tiles from the diagonal to the
+//! document's end, times the G query heads of the block's kv head).
+//!
+//! Which path `attention::forward`/`backward` take: `PACKTRAIN_ATTENTION=flash` or `gemm`
+//! forces one (flash only for D in {64, 128}: every other head dim takes the GEMM path); unset,
+//! `FLASH_BY_DEFAULT` decides.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use cudarc::driver::sys::CUfunction_attribute_enum;
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+use super::need;
+use crate::backend::cuda::{drv, launch, CudaBackend, CudaIdx};
+use crate::backend::{AttnDims, BackendError};
+
+/// Rows of a tile (query tile forward, key tile backward); must match FA_TILE.
+const TILE: usize = 64;
+/// Threads per block; must match FA_THREADS.
+const THREADS: u32 = 128;
+
+/// Which attention implementation runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The default: flash for supported head dims when `FLASH_BY_DEFAULT`, else GEMM.
+    Auto,
+    /// Flash for supported head dims, GEMM otherwise (`PACKTRAIN_ATTENTION=flash`).
+    Flash,
+    /// Always the GEMM path (`PACKTRAIN_ATTENTION=gemm`).
+    Gemm,
+}
+
+/// 0: not read yet; 1 + Mode as u8.
+static MODE: AtomicU8 = AtomicU8::new(0);
+
+fn mode_code(m: Mode) -> u8 {
+    match m {
+        Mode::Auto => 1,
+        Mode::Flash => 2,
+        Mode::Gemm => 3,
+    }
+}
+
+/// The mode: set by `set_mode`, else read once from `PACKTRAIN_ATTENTION`.
+pub fn mode() -> Mode {
+    let code = match MODE.load(Ordering::Relaxed) {
+        0 => {
+            let m = match std::env::var("PACKTRAIN_ATTENTION").as_deref() {
+                Ok("flash") => Mode::Flash,
+                Ok("gemm") => Mode::Gemm,
+                _ => Mode::Auto,
+            };
+            let c = mode_code(m);
+            MODE.store(c, Ordering::Relaxed);
+            c
+        }
+        c => c,
+    };
+    match code {
+        2 => Mode::Flash,
+        3 => Mode::Gemm,
+        _ => Mode::Auto,
+    }
+}
+
+/// Override the mode for this process (benchmarks compare both paths in one run).
+#[cfg_attr(not(test), allow(dead_code))]
+pub fn set_mode(m: Mode) {
+    MODE.store(mode_code(m), Ordering::Relaxed);
+}
+
+/// Head dims the flash kernels are built for.
+pub fn supports(dims: &AttnDims) -> bool {
+    matches!(dims.d, 64 | 128)
+}
+
+/// Whether `Mode::Auto` takes the flash path: on since `packtrain check --device cuda --only
+/// attention` passed on an H100 (2026-11-26, BENCHMARKS.md "Varlen flash attention").
+const FLASH_BY_DEFAULT: bool = true;
+
+/// Whether `attention::forward`/`backward` should take the flash path for these dims.
+pub fn use_flash(dims: &AttnDims) -> bool {
+    supports(dims)
+        && match mode() {
+            Mode::Flash => true,
+            Mode::Gemm => false,
+            Mode::Auto => FLASH_BY_DEFAULT,
+        }
+}
+
+/// Work items `[start, len, tile, 0]` flattened, longest work first. `work(len, tile)` is a
+/// tile's cost in key-tile (forward) or query-tile (backward) steps.
+fn items(cu: &[i32], work: impl Fn(usize, usize) -> usize) -> Vec<i32> {
+    let mut v: Vec<(usize, [i32; 4])> = Vec::new();
+    for w in cu.windows(2) {
+        let (start, len) = (w[0], (w[1] - w[0]) as usize);
+        for tile in 0..len.div_ceil(TILE) {
+            v.push((work(len, tile), [start, len as i32, tile as i32, 0]));
+        }
+    }
+    // Stable: equal work keeps document order.
+    v.sort_by_key(|&(w, _)| std::cmp::Reverse(w));
+    v.into_iter().flat_map(|(_, it)| it).collect()
+}
+
+fn fwd_items(cu: &[i32]) -> Vec<i32> {
+    items(cu, |_, tile| tile + 1)
+}
+
+fn bwd_items(cu: &[i32]) -> Vec<i32> {
+    items(cu, |len, tile| len.div_ceil(TILE) - tile)
+}
+
+fn shared_bytes_fwd(d: usize) -> usize {
+    3 * TILE * (d + 8) * 2
+}
+
+fn shared_bytes_bwd(d: usize) -> usize {
+    4 * TILE * (d + 8) * 2 + TILE * (TILE + 8) * 2 + 2 * TILE * 4
+}
+
+fn shape(op: &'static str, message: String) -> BackendError {
+    BackendError::Shape { op, message }
+}
+
+/// Dims and `cu_seqlens` checks shared by both directions.
+fn check(op: &'static str, dims: &AttnDims, cu: &CudaIdx) -> Result<(), BackendError> {
+    let AttnDims { t, h, hkv, d, .. } = *dims;
+    if h == 0 || hkv == 0 || !h.is_multiple_of(hkv) || !supports(dims) {
+        return Err(shape(
+            op,
+            format!("flash attention needs D in {{64, 128}} and Hkv dividing H, got H = {h}, Hkv = {hkv}, D = {d}"),
+        ));
+    }
+    let n1 = dims.n_docs + 1;
+    need(op, "cu_seqlens [N + 1] (uploaded)", cu.host.len(), n1)?;
+    need(op, "cu_seqlens [N + 1]", cu.dev.len(), n1)?;
+    crate::backend::check_cu_seqlens(op, &cu.host, dims)?;
+    let w = dims.qkv_width();
+    t.checked_mul(w)
+        .filter(|&n| n <= i64::MAX as usize && t <= i32::MAX as usize)
+        .ok_or_else(|| shape(op, format!("T = {t} x QKV = {w} overflows")))?;
+    Ok(())
+}
+
+fn upload_items(
+    be: &CudaBackend,
+    items: &[i32],
+    op: &'static str,
+) -> Result<CudaSlice<i32>, BackendError> {
+    be.stream.clone_htod(items).map_err(drv(op))
+}
+
+fn set_smem(
+    be: &CudaBackend,
+    name: &str,
+    bytes: usize,
+    op: &'static str,
+) -> Result<(), BackendError> {
+    be.kernel(name)?
+        .set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as i32,
+        )
+        .map_err(drv(op))
+}
+
+fn blocks(n_items: usize, heads: usize, op: &'static str) -> Result<u32, BackendError> {
+    n_items
+        .checked_mul(heads)
+        .and_then(|n| u32::try_from(n).ok())
+        .filter(|&n| n < i32::MAX as u32)
+        .ok_or_else(|| {
+            shape(
+                op,
+                format!("{n_items} tiles x {heads} heads is too many blocks"),
+            )
+        })
+}
+
+/// out `[T, H D]` and lse `[H, T]` overwritten.
+pub fn forward(
+    be: &CudaBackend,
+    out: &mut CudaSlice<f32>,
+    lse: &mut CudaSlice<f32>,
+    qkv: &CudaSlice<f32>,
+    cu_seqlens: &CudaIdx,
+    dims: AttnDims,
+) -> Result<(), BackendError> {
+    const OP: &str = "attention_forward (flash)";
+    check(OP, &dims, cu_seqlens)?;
+    let AttnDims { t, h, hkv, d, .. } = dims;
+    need(OP, "out [T, H D]", out.len(), t * h * d)?;
+    need(OP, "lse [H, T]", lse.len(), h * t)?;
+    need(OP, "qkv [T, QKV]", qkv.len(), t * dims.qkv_width())?;
+    let list = fwd_items(&cu_seqlens.host[..=dims.n_docs]);
+    if list.is_empty() {
+        return Ok(());
+    }
+    let n_items = list.len() / 4;
+    let items_g = upload_items(be, &list, OP)?;
+    let name = if d == 64 {
+        "flash_fwd_d64"
+    } else {
+        "flash_fwd_d128"
+    };
+    let smem = shared_bytes_fwd(d);
+    set_smem(be, name, smem, OP)?;
+    let cfg = LaunchConfig {
+        grid_dim: (blocks(n_items, h, OP)?, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    let scale_log2 = std::f32::consts::LOG2_E / (d as f32).sqrt();
+    let (t32, h32, hkv32) = (t as i32, h as i32, hkv as i32);
+    launch(be, name, cfg, |a| {
+        a.arg(&mut *out)
+            .arg(&mut *lse)
+            .arg(qkv)
+            .arg(&items_g)
+            .arg(&t32)
+            .arg(&h32)
+            .arg(&hkv32)
+            .arg(&scale_log2);
+    })
+}
+
+/// dqkv `[T, QKV]` overwritten; dk, dv summed over the G query heads of each kv head.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    be: &CudaBackend,
+    dqkv: &mut CudaSlice<f32>,
+    dout: &CudaSlice<f32>,
+    qkv: &CudaSlice<f32>,
+    out: &CudaSlice<f32>,
+    lse: &CudaSlice<f32>,
+    cu_seqlens: &CudaIdx,
+    dims: AttnDims,
+) -> Result<(), BackendError> {
+    const OP: &str = "attention_backward (flash)";
+    check(OP, &dims, cu_seqlens)?;
+    let AttnDims { t, h, hkv, d, .. } = dims;
+    let w = dims.qkv_width();
+    need(OP, "dqkv [T, QKV]", dqkv.len(), t * w)?;
+    need(OP, "dout [T, H D]", dout.len(), t * h * d)?;
+    need(OP, "qkv [T, QKV]", qkv.len(), t * w)?;
+    need(OP, "out [T, H D]", out.len(), t * h * d)?;
+    need(OP, "lse [H, T]", lse.len(), h * t)?;
+    let list = bwd_items(&cu_seqlens.host[..=dims.n_docs]);
+    if list.is_empty() {
+        return Ok(());
+    }
+    let n_items = list.len() / 4;
+    let items_g = upload_items(be, &list, OP)?;
+    let (t32, h32, hkv32, d32) = (t as i32, h as i32, hkv as i32, d as i32);
+    // dsum [H, T] = rowsum(dO * O); dqkv's q columns zeroed (dQ is accumulated with atomics).
+    // SAFETY: flash_bwd_pre writes every element of dsum before the main kernel reads it.
+    let mut dsum = unsafe { be.stream.alloc::<f32>(h * t) }.map_err(drv(OP))?;
+    let warps = t * h;
+    let pre = LaunchConfig {
+        grid_dim: (
+            u32::try_from(warps.div_ceil(8)).map_err(|_| shape(OP, "T H too large".into()))?,
+            1,
+            1,
+        ),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launch(be, "flash_bwd_pre", pre, |a| {
+        a.arg(&mut *dqkv)
+            .arg(&mut dsum)
+            .arg(dout)
+            .arg(out)
+            .arg(&t32)
+            .arg(&h32)
+            .arg(&hkv32)
+            .arg(&d32);
+    })?;
+    let name = if d == 64 {
+        "flash_bwd_d64"
+    } else {
+        "flash_bwd_d128"
+    };
+    let smem = shared_bytes_bwd(d);
+    set_smem(be, name, smem, OP)?;
+    let cfg = LaunchConfig {
+        grid_dim: (blocks(n_items, hkv, OP)?, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    let scale = 1.0 / (d as f32).sqrt();
+    let scale_log2 = std::f32::consts::LOG2_E * scale;
+    launch(be, name, cfg, |a| {
+        a.arg(&mut *dqkv)
+            .arg(dout)
+            .arg(qkv)
+            .arg(lse)
+            .arg(&dsum)
+            .arg(&items_g)
+            .arg(&t32)
+            .arg(&h32)
+            .arg(&hkv32)
+            .arg(&scale)
+            .arg(&scale_log2);
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn work_lists_cover_every_tile_longest_first() {
+        let cu = [0, 1, 1, 130, 194, 600];
+        let f = fwd_items(&cu);
+        let b = bwd_items(&cu);
+        // Tiles: 1 + 0 + 3 (129 rows) + 1 (64) + 7 (406) = 12.
+        assert_eq!(f.len(), 12 * 4);
+        assert_eq!(b.len(), 12 * 4);
+        let fw: Vec<i32> = f.chunks(4).map(|c| c[2] + 1).collect();
+        assert!(fw.windows(2).all(|w| w[0] >= w[1]), "{fw:?}");
+        assert_eq!(&f[..4], &[194, 406, 6, 0]);
+        let bw: Vec<i32> = b
+            .chunks(4)
+            .map(|c| (c[1] as usize).div_ceil(TILE) as i32 - c[2])
+            .collect();
+        assert!(bw.windows(2).all(|w| w[0] >= w[1]), "{bw:?}");
+        assert_eq!(&b[..4], &[194, 406, 0, 0]);
+        // Every (document, tile) exactly once, no empty document.
+        let mut seen: Vec<(i32, i32)> = f.chunks(4).map(|c| (c[0], c[2])).collect();
+        seen.sort();
+        let mut want = vec![(0, 0)];
+        want.extend((0..3).map(|t| (1, t)));
+        want.push((130, 0));
+        want.extend((0..7).map(|t| (194, t)));
+        assert_eq!(seen, want);
+        assert!(fwd_items(&[0, 0, 0]).is_empty());
+    }
+
+    #[test]
+    fn shared_memory_fits_hopper_and_ampere() {
+        for d in [64, 128] {
+            assert!(shared_bytes_fwd(d) <= 99 * 1024);
+            assert!(shared_bytes_bwd(d) <= 99 * 1024);
+        }
+        assert_eq!(shared_bytes_bwd(128), 79360);
+    }
+
+    /// Timing on a GPU, flash against the GEMM path (f32 buffers):
+    /// `cargo test --release --lib flash_attention_bench -- --ignored --nocapture`.
+    /// `PACKTRAIN_BENCH_LENS=file` reads the document lengths (one line per shape set, the
+    /// lengths separated by spaces), so the PyTorch script can time the same documents.
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn flash_attention_bench() {
+        use crate::backend::Backend;
+        use rand::{Rng, SeedableRng};
+        let be = CudaBackend::new(0).expect("a CUDA device");
+        let t_total = 16384usize;
+        let lens: Vec<usize> = match std::env::var("PACKTRAIN_BENCH_LENS") {
+            Ok(p) => std::fs::read_to_string(p)
+                .expect("lens file")
+                .split_whitespace()
+                .map(|x| x.parse().unwrap())
+                .collect(),
+            Err(_) => {
+                // Log-normal, median 400, sigma 0.9, clipped to 4096, summing to T.
+                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+                let mut v = Vec::new();
+                let mut left = t_total;
+                while left > 0 {
+                    let (u1, u2): (f64, f64) = (rng.random_range(1e-12..1.0), rng.random());
+                    let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+                    let l = ((400f64.ln() + 0.9 * z).exp().round() as usize).clamp(1, 4096);
+                    let l = l.min(left);
+                    v.push(l);
+                    left -= l;
+                }
+                v
+            }
+        };
+        let t: usize = lens.iter().sum();
+        let mut cu = vec![0i32];
+        for &l in &lens {
+            cu.push(cu.last().unwrap() + l as i32);
+        }
+        let l2: f64 = lens.iter().map(|&l| (l * l) as f64).sum();
+        eprintln!(
+            "T = {t}, {} documents, longest {}",
+            lens.len(),
+            lens.iter().max().unwrap()
+        );
+        for (h, hkv, d) in [(16usize, 4usize, 128usize), (32, 8, 64)] {
+            let dims = AttnDims {
+                t,
+                h,
+                hkv,
+                d,
+                n_docs: lens.len(),
+                max_seqlen: *lens.iter().max().unwrap(),
+            };
+            let w = dims.qkv_width();
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+            let x: Vec<f32> = (0..t * w).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let dy: Vec<f32> = (0..t * h * d)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            let mut qkv = be.alloc(t * w).unwrap();
+            be.upload(&mut qkv, &x).unwrap();
+            let mut dout = be.alloc(t * h * d).unwrap();
+            be.upload(&mut dout, &dy).unwrap();
+            let mut cu_g = be.alloc_idx(cu.len()).unwrap();
+            be.upload_idx(&mut cu_g, &cu).unwrap();
+            let (mut out, mut lse) = (be.alloc(t * h * d).unwrap(), be.alloc(h * t).unwrap());
+            let mut dqkv = be.alloc(t * w).unwrap();
+            let flops_f = 2.0 * l2 * d as f64 * h as f64;
+            for m in [Mode::Flash, Mode::Gemm] {
+                set_mode(m);
+                let time = |f: &mut dyn FnMut()| {
+                    for _ in 0..3 {
+                        f();
+                    }
+                    be.synchronize().unwrap();
+                    let mut v: Vec<f64> = (0..20)
+                        .map(|_| {
+                            let t0 = std::time::Instant::now();
+                            f();
+                            be.synchronize().unwrap();
+                            t0.elapsed().as_secs_f64() * 1e3
+                        })
+                        .collect();
+                    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                    v[v.len() / 2]
+                };
+                let fwd = time(&mut || {
+                    be.attention_forward(&mut out, &mut lse, &qkv, &cu_g, dims)
+                        .unwrap()
+                });
+                let bwd = time(&mut || {
+                    be.attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, &cu_g, dims)
+                        .unwrap()
+                });
+                println!(
+                    "BENCH ours-{m:?} H={h} Hkv={hkv} D={d} T={t}: fwd {fwd:.3} ms {:.1} TFLOP/s | bwd {bwd:.3} ms {:.1} TFLOP/s | fwd+bwd {:.1} TFLOP/s",
+                    flops_f / fwd / 1e9,
+                    2.5 * flops_f / bwd / 1e9,
+                    3.5 * flops_f / (fwd + bwd) / 1e9
+                );
+            }
+        }
+        set_mode(Mode::Auto);
+    }
+}

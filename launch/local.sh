@@ -5,7 +5,8 @@
 #   launch/local.sh 2 configs/tiny-cpu.toml --out runs/tiny-2 --quiet
 #
 # Each rank gets RANK, WORLD_SIZE, LOCAL_RANK (= RANK), MASTER_ADDR=127.0.0.1, MASTER_PORT (a
-# free port unless set) and NCCL_NVLS_ENABLE=0. The binary is $PACKTRAIN_BIN, else
+# free port unless set) and NCCL_NVLS_ENABLE=0 (launch/nccl-env.sh, which also makes NCCL
+# loadable for GPU ranks). The binary is $PACKTRAIN_BIN, else
 # target/release/packtrain. Ctrl-C (SIGINT) or SIGTERM stops every rank. When a rank fails,
 # the others get $PACKTRAIN_GRACE_S seconds (default 30) to notice and exit with their own
 # message (they do within dist.timeout_s), then are stopped; the script exits with the code of
@@ -50,7 +51,9 @@ free_port() {
 export MASTER_ADDR=127.0.0.1
 export MASTER_PORT=${MASTER_PORT:-$(free_port)}
 export WORLD_SIZE=$n
-export NCCL_NVLS_ENABLE=0
+# NCCL_NVLS_ENABLE=0, and libnccl.so on LD_LIBRARY_PATH when only libnccl.so.2 is installed.
+# shellcheck source=launch/nccl-env.sh
+source "$here/nccl-env.sh"
 # The variables of an enclosing MPI job would make an mpi build start MPI instead.
 unset OMPI_COMM_WORLD_SIZE PMI_SIZE PMIX_RANK
 

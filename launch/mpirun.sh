@@ -43,8 +43,12 @@ free_port() {
 
 export MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 export MASTER_PORT=${MASTER_PORT:-$(free_port)}
-export NCCL_NVLS_ENABLE=0
+# NCCL_NVLS_ENABLE=0, and libnccl.so on LD_LIBRARY_PATH when only libnccl.so.2 is installed.
+# shellcheck source=launch/nccl-env.sh
+source "$here/nccl-env.sh"
 args=(-np "$np" -x MASTER_ADDR -x MASTER_PORT -x NCCL_NVLS_ENABLE)
+[[ -n ${LD_LIBRARY_PATH:-} ]] && args+=(-x LD_LIBRARY_PATH)
+[[ -n ${PACKTRAIN_GRAD_SYNC:-} ]] && args+=(-x PACKTRAIN_GRAD_SYNC)
 [[ -n ${RUST_LOG:-} ]] && args+=(-x RUST_LOG)
 [[ $(id -u) == 0 ]] && args+=(--allow-run-as-root)
 # shellcheck disable=SC2206 # split on purpose: several mpirun arguments

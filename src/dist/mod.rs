@@ -11,6 +11,7 @@
 
 pub mod env;
 pub mod mpi;
+pub mod nccl;
 pub mod rendezvous;
 pub mod tcp;
 
@@ -71,6 +72,13 @@ pub trait Comm {
     fn is_root(&self) -> bool {
         self.rank() == 0
     }
+    /// Send rank 0's bytes to every rank (on the others `data` is replaced): the NCCL unique
+    /// id. The default (a communicator that cannot) errors.
+    fn broadcast_bytes(&self, _data: &mut Vec<u8>) -> Result<(), DistError> {
+        Err(DistError::Unavailable(
+            "this communicator cannot broadcast bytes".into(),
+        ))
+    }
 }
 
 /// A `counts` argument must have one entry per rank and cover `len` exactly.
@@ -119,6 +127,9 @@ impl Comm for SingleProcess {
         Ok(())
     }
     fn gather_to_root(&self, _data: &mut [f32], _counts: &[usize]) -> Result<(), DistError> {
+        Ok(())
+    }
+    fn broadcast_bytes(&self, _data: &mut Vec<u8>) -> Result<(), DistError> {
         Ok(())
     }
 }

@@ -168,6 +168,19 @@ mod imp {
             }
             Ok(())
         }
+
+        fn broadcast_bytes(&self, data: &mut Vec<u8>) -> Result<(), DistError> {
+            let root = self.world.process_at_rank(0);
+            let _armed = self.watchdog.arm("MPI_Bcast");
+            let mut len = data.len() as u64;
+            root.broadcast_into(&mut len);
+            if self.rank != 0 {
+                data.clear();
+                data.resize(len as usize, 0);
+            }
+            root.broadcast_into(&mut data[..]);
+            Ok(())
+        }
     }
 
     impl MpiComm {

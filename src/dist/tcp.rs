@@ -119,6 +119,10 @@ impl Comm for TcpComm {
         check_counts(self, data.len(), counts, "gather_to_root")?;
         self.gather(data, counts, Op::GatherF32)
     }
+
+    fn broadcast_bytes(&self, data: &mut Vec<u8>) -> Result<(), DistError> {
+        self.rv.broadcast(data)
+    }
 }
 
 impl TcpComm {

@@ -92,12 +92,12 @@ pub fn train(opts: &TrainOptions, comm: &dyn Comm) -> Result<RunSummary, TrainEr
         DeviceKind::Cuda => {
             let be = CudaBackend::new(gpu).map_err(|e| TrainError::NoCuda(e.to_string()))?;
             tracing::info!(gpu, device = %be.device_name, arch = be.arch, "CUDA backend");
-            run(&be, opts, comm)
+            run_cuda(&be, opts, comm)
         }
         DeviceKind::Auto => match CudaBackend::new(gpu) {
             Ok(be) => {
                 tracing::info!(gpu, device = %be.device_name, arch = be.arch, "CUDA backend");
-                run(&be, opts, comm)
+                run_cuda(&be, opts, comm)
             }
             Err(e) => {
                 tracing::warn!("device = \"auto\": CUDA unavailable ({e}); training on the CPU");
@@ -105,6 +105,16 @@ pub fn train(opts: &TrainOptions, comm: &dyn Comm) -> Result<RunSummary, TrainEr
             }
         },
     }
+}
+
+/// The loop on a GPU, with the gradient sync of [`cuda_grad_sync`].
+fn run_cuda(
+    be: &CudaBackend,
+    opts: &TrainOptions,
+    comm: &dyn Comm,
+) -> Result<RunSummary, TrainError> {
+    let sync = cuda_grad_sync(be, &opts.config, comm)?;
+    run_with(be, opts, comm, sync.as_ref())
 }
 
 /// Target tokens of every document: positions 1.. whose token is a label.
@@ -129,11 +139,22 @@ fn locate(plans: &[Plan], mut step: usize) -> Option<(usize, usize)> {
     None
 }
 
-/// The training loop on one backend.
+/// The training loop on one backend, gradients summed through host buffers ([`HostStaged`]).
 pub fn run<B: Backend>(
     be: &B,
     opts: &TrainOptions,
     comm: &dyn Comm,
+) -> Result<RunSummary, TrainError> {
+    let sync = HostStaged::new(&opts.config);
+    run_with(be, opts, comm, &sync)
+}
+
+/// The training loop on one backend, gradients summed across ranks by `sync`.
+pub fn run_with<B: Backend>(
+    be: &B,
+    opts: &TrainOptions,
+    comm: &dyn Comm,
+    sync: &dyn GradSync<B>,
 ) -> Result<RunSummary, TrainError> {
     let cfg = &opts.config;
     let (rank, world) = (comm.rank(), comm.world_size());
@@ -217,8 +238,15 @@ pub fn run<B: Backend>(
         parameters = layout.numel(),
         rank,
         world,
+        grad_sync = sync.name(),
         "model ready"
     );
+    // Declared after the model, so dropped before it: an error that leaves the loop aborts the
+    // device communicator before any buffer a collective may still use is freed.
+    let mut abort_guard = AbortOnError {
+        sync,
+        finished: false,
+    };
 
     // ------------------------------------------------------------ outputs
     let mut log = None;
@@ -234,7 +262,6 @@ pub fn run<B: Backend>(
 
     // ------------------------------------------------------------ the loop
     let (g_micro, bins_per_step) = (cfg.packing.micro_steps, world * cfg.packing.micro_steps);
-    let bucket_floats = (cfg.dist.bucket_mb << 20) / std::mem::size_of::<f32>();
     let mut first_loss = f64::NAN;
     let mut last_loss = f64::NAN;
     let mut timed = (0.0f64, 0u64); // (seconds, tokens) of steps after the first of this invocation
@@ -270,14 +297,22 @@ pub fn run<B: Backend>(
             loss_sum += model.forward_backward(be, &batch, loss_scale)?;
         }
 
-        // ---- all-reduce: gradient sums and the loss sum across ranks. Under ZeRO-1 each
-        // rank receives only its shard's sums (reduce-scatter), so the squared gradient norm
-        // of the shards travels with the loss sum and the clip sees the global norm.
+        // ---- all-reduce: gradient sums and the loss sum across ranks. `sync` may only queue
+        // the gradient sums (NCCL on the device stream); the host sum of the loss comes next, so
+        // a dead or stalled peer is named by the host communicator before this rank waits on
+        // the device. Under ZeRO-1 each rank receives only its shard's sums (reduce-scatter),
+        // so the squared gradient norm of the shards travels with the loss sum and the clip
+        // sees the global norm.
         if world > 1 {
             match &shards {
-                None => all_reduce_grads(be, comm, &layout, &mut model.grads, bucket_floats)?,
+                None => sync.all_reduce(be, comm, &layout, &mut model.grads)?,
                 Some(sh) => reduce_scatter_grads(be, comm, &layout, &mut model.grads, sh)?,
             }
+        }
+        if world > 1 && shards.is_none() {
+            let mut sums = [loss_sum];
+            comm.all_reduce_sum_f64(&mut sums)?;
+            loss_sum = sums[0];
         }
         let owned_grads: Vec<(&B::Buf, usize)> = opt
             .owned
@@ -291,10 +326,8 @@ pub fn run<B: Backend>(
         };
         let mut sums = [loss_sum, owned_sq];
         drop(owned_grads);
-        match (world > 1, shards.is_some()) {
-            (true, true) => comm.all_reduce_sum_f64(&mut sums)?,
-            (true, false) => comm.all_reduce_sum_f64(&mut sums[..1])?,
-            (false, _) => {}
+        if world > 1 && shards.is_some() {
+            comm.all_reduce_sum_f64(&mut sums)?;
         }
         let (loss_sum, grad_sq) = (sums[0], sums[1]);
         let loss = loss_sum / step_targets.max(1) as f64;
@@ -328,6 +361,7 @@ pub fn run<B: Backend>(
             all_gather_params(be, comm, &layout, &mut model.params, sh)?;
         }
         be.synchronize()?;
+        sync.step_done();
 
         // ---- bookkeeping
         let secs = t0.elapsed().as_secs_f64();
@@ -387,6 +421,8 @@ pub fn run<B: Backend>(
         }
     }
     crate::cli::progress::finish();
+    abort_guard.finished = true;
+    drop(abort_guard);
 
     // ------------------------------------------------------------ the end of the run
     let final_moments = match steps_here {
@@ -481,6 +517,175 @@ fn tensor_offsets(layout: &ParamLayout) -> Vec<usize> {
             o
         })
         .collect()
+}
+
+/// How a step's gradients are summed across ranks (without ZeRO-1), chosen at startup:
+/// [`HostStaged`] (any backend: through host buffers and the host [`Comm`]; the CPU, TCP and
+/// MPI path) or [`NcclGradSync`] (the CUDA backend: NCCL on the device buffers).
+pub trait GradSync<B: Backend> {
+    fn name(&self) -> &'static str;
+    /// Sum `grads` (layout order) across ranks. May only queue the work on the device; it is
+    /// complete once the backend is synchronised.
+    fn all_reduce(
+        &self,
+        be: &B,
+        comm: &dyn Comm,
+        layout: &ParamLayout,
+        grads: &mut [B::Buf],
+    ) -> Result<(), TrainError>;
+    /// The step's device work has finished (the backend was synchronised).
+    fn step_done(&self) {}
+    /// The loop is leaving on an error: stop any collective in flight (never waits for peers).
+    fn abort(&self) {}
+}
+
+/// Calls [`GradSync::abort`] when dropped before the loop finished (an error leaves it).
+struct AbortOnError<'a, B: Backend> {
+    sync: &'a dyn GradSync<B>,
+    finished: bool,
+}
+
+impl<B: Backend> Drop for AbortOnError<'_, B> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.sync.abort();
+        }
+    }
+}
+
+/// Gradients through host buffers: download, [`Comm::all_reduce_sum`] in buckets of
+/// `dist.bucket_mb`, upload (the CPU backend's buffers are host memory already).
+#[derive(Debug, Clone, Copy)]
+pub struct HostStaged {
+    bucket_floats: usize,
+}
+
+impl HostStaged {
+    pub fn new(cfg: &Config) -> Self {
+        Self {
+            bucket_floats: bucket_floats(cfg),
+        }
+    }
+}
+
+fn bucket_floats(cfg: &Config) -> usize {
+    ((cfg.dist.bucket_mb << 20) / std::mem::size_of::<f32>()).max(1)
+}
+
+impl<B: Backend> GradSync<B> for HostStaged {
+    fn name(&self) -> &'static str {
+        "host"
+    }
+    fn all_reduce(
+        &self,
+        be: &B,
+        comm: &dyn Comm,
+        layout: &ParamLayout,
+        grads: &mut [B::Buf],
+    ) -> Result<(), TrainError> {
+        all_reduce_grads(be, comm, layout, grads, self.bucket_floats)
+    }
+}
+
+/// Consecutive tensors in groups of at most `bucket_floats` elements (a larger tensor alone).
+fn buckets(numels: &[usize], bucket_floats: usize) -> Vec<Range<usize>> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < numels.len() {
+        let (mut j, mut floats) = (i, 0);
+        while j < numels.len() && (j == i || floats + numels[j] <= bucket_floats) {
+            floats += numels[j];
+            j += 1;
+        }
+        out.push(i..j);
+        i = j;
+    }
+    out
+}
+
+/// Gradients summed by NCCL on the device: one NCCL group (one launch) per bucket of
+/// `dist.bucket_mb`, in place, on the backend's stream after the backward (no copies, no host
+/// round trip). The watchdog of [`crate::dist::nccl::NcclComm`] times them.
+pub struct NcclGradSync {
+    nccl: crate::dist::nccl::NcclComm,
+    bucket_floats: usize,
+}
+
+impl NcclGradSync {
+    pub fn new(be: &CudaBackend, cfg: &Config, comm: &dyn Comm) -> Result<Self, TrainError> {
+        let timeout = std::time::Duration::from_secs(cfg.dist.timeout_s);
+        let nccl =
+            crate::dist::nccl::NcclComm::new(comm, be.ctx.clone(), be.stream.clone(), timeout)?;
+        let v = nccl.version();
+        tracing::info!(
+            rank = nccl.rank(),
+            world = nccl.world_size(),
+            nccl = format_args!("{}.{}.{}", v / 10000, (v / 100) % 100, v % 100),
+            bucket_mb = cfg.dist.bucket_mb,
+            "NCCL communicator"
+        );
+        Ok(Self {
+            nccl,
+            bucket_floats: bucket_floats(cfg),
+        })
+    }
+}
+
+impl GradSync<CudaBackend> for NcclGradSync {
+    fn name(&self) -> &'static str {
+        "nccl"
+    }
+    fn all_reduce(
+        &self,
+        _be: &CudaBackend,
+        _comm: &dyn Comm,
+        layout: &ParamLayout,
+        grads: &mut [cudarc::driver::CudaSlice<f32>],
+    ) -> Result<(), TrainError> {
+        let numels: Vec<usize> = layout.specs.iter().map(|s| s.numel()).collect();
+        let mut rest: &mut [cudarc::driver::CudaSlice<f32>] = grads;
+        for b in buckets(&numels, self.bucket_floats) {
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(b.len());
+            rest = tail;
+            let mut bufs: Vec<_> = head
+                .iter_mut()
+                .zip(&numels[b])
+                .map(|(g, &n)| (g, n))
+                .collect();
+            self.nccl.all_reduce_sum_group(&mut bufs)?;
+        }
+        Ok(())
+    }
+    fn step_done(&self) {
+        self.nccl.disarm();
+    }
+    fn abort(&self) {
+        self.nccl.abort();
+    }
+}
+
+/// The gradient sync of a CUDA run: NCCL for world > 1 without ZeRO-1 (ZeRO-1 still
+/// reduce-scatters through host buffers), unless `PACKTRAIN_GRAD_SYNC=host` asks for the
+/// host path (for comparisons, or where NCCL is missing).
+pub fn cuda_grad_sync(
+    be: &CudaBackend,
+    cfg: &Config,
+    comm: &dyn Comm,
+) -> Result<Box<dyn GradSync<CudaBackend>>, TrainError> {
+    let host = Box::new(HostStaged::new(cfg));
+    if comm.world_size() == 1 || cfg.dist.zero1 {
+        return Ok(host);
+    }
+    match std::env::var("PACKTRAIN_GRAD_SYNC").ok().as_deref() {
+        Some("host") => {
+            tracing::warn!("PACKTRAIN_GRAD_SYNC=host: device gradients go through host buffers");
+            Ok(host)
+        }
+        None | Some("") | Some("nccl") => Ok(Box::new(NcclGradSync::new(be, cfg, comm)?)),
+        Some(other) => Err(TrainError::Dist(DistError::Environment(format!(
+            "PACKTRAIN_GRAD_SYNC={other:?}: expected \"nccl\" (the default on GPUs) or \"host\""
+        )))),
+    }
 }
 
 /// Sum every gradient across ranks: consecutive tensors share one all-reduce of at most

@@ -799,3 +799,18 @@ fn moments_on_root<B: Backend>(
     let (m, v) = (gather(m)?, gather(v)?);
     Ok(comm.is_root().then_some((m, v)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::buckets;
+
+    #[test]
+    fn buckets_group_consecutive_tensors_and_a_large_one_goes_alone() {
+        assert_eq!(
+            buckets(&[3, 3, 3, 10, 1, 1], 6),
+            vec![0..2, 2..3, 3..4, 4..6]
+        );
+        assert_eq!(buckets(&[], 6), Vec::<std::ops::Range<usize>>::new());
+        assert_eq!(buckets(&[7], 6), vec![0..1]);
+    }
+}

@@ -17,48 +17,28 @@ pub struct KernelSource {
     pub source: &'static str,
 }
 
+/// One entry of [`SOURCES`]: the file name and its text, embedded at build time.
+macro_rules! kernel {
+    ($file:literal) => {
+        KernelSource {
+            file: $file,
+            source: include_str!(concat!("kernels/", $file)),
+        }
+    };
+}
+
 /// Every kernel file, embedded at build time.
 pub const SOURCES: &[KernelSource] = &[
-    KernelSource {
-        file: "common.cuh",
-        source: include_str!("kernels/common.cuh"),
-    },
-    KernelSource {
-        file: "embedding.cu",
-        source: include_str!("kernels/embedding.cu"),
-    },
-    KernelSource {
-        file: "rmsnorm.cu",
-        source: include_str!("kernels/rmsnorm.cu"),
-    },
-    KernelSource {
-        file: "rope.cu",
-        source: include_str!("kernels/rope.cu"),
-    },
-    KernelSource {
-        file: "swiglu.cu",
-        source: include_str!("kernels/swiglu.cu"),
-    },
-    KernelSource {
-        file: "elementwise.cu",
-        source: include_str!("kernels/elementwise.cu"),
-    },
-    KernelSource {
-        file: "adamw.cu",
-        source: include_str!("kernels/adamw.cu"),
-    },
-    KernelSource {
-        file: "attention.cu",
-        source: include_str!("kernels/attention.cu"),
-    },
-    KernelSource {
-        file: "flash_attention.cu",
-        source: include_str!("kernels/flash_attention.cu"),
-    },
-    KernelSource {
-        file: "classifier.cu",
-        source: include_str!("kernels/classifier.cu"),
-    },
+    kernel!("common.cuh"),
+    kernel!("embedding.cu"),
+    kernel!("rmsnorm.cu"),
+    kernel!("rope.cu"),
+    kernel!("swiglu.cu"),
+    kernel!("elementwise.cu"),
+    kernel!("adamw.cu"),
+    kernel!("attention.cu"),
+    kernel!("flash_attention.cu"),
+    kernel!("classifier.cu"),
 ];
 
 /// The CUDA include directory: `$CUDA_HOME/include`, `$CUDA_PATH/include`, `/usr/local/cuda/include`.

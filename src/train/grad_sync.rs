@@ -1,0 +1,337 @@
+//! Gradients and shards across ranks: the `GradSync` a run picks at startup (host-staged
+//! through the communicator for CPU/MPI ranks, NCCL on device buffers for CUDA ranks), the
+//! bucketing of the all-reduce, and the ZeRO-1 reduce-scatter / all-gather.
+
+use std::ops::Range;
+
+use crate::backend::cuda::CudaBackend;
+use crate::backend::Backend;
+use crate::config::Config;
+use crate::dist::{Comm, DistError};
+use crate::model::ParamLayout;
+
+use super::optimizer::{AdamW, HostMoments};
+use super::TrainError;
+
+// ------------------------------------------------------------ gradients and shards across ranks
+//
+// The host path: gradients and weights go through host buffers to the communicator (the CPU
+// backend's buffers are host memory already).
+
+/// Elements of each consecutive segment of a layout-order flat buffer, one per shard.
+pub(super) fn shard_counts(layout: &ParamLayout, shards: &[Range<usize>]) -> Vec<usize> {
+    shards
+        .iter()
+        .map(|r| layout.specs[r.clone()].iter().map(|s| s.numel()).sum())
+        .collect()
+}
+
+/// Start of each tensor in a layout-order flat buffer.
+pub(super) fn tensor_offsets(layout: &ParamLayout) -> Vec<usize> {
+    let mut at = 0;
+    layout
+        .specs
+        .iter()
+        .map(|s| {
+            let o = at;
+            at += s.numel();
+            o
+        })
+        .collect()
+}
+
+/// How a step's gradients are summed across ranks (without ZeRO-1), chosen at startup:
+/// [`HostStaged`] (any backend: through host buffers and the host [`Comm`]; the CPU, TCP and
+/// MPI path) or [`NcclGradSync`] (the CUDA backend: NCCL on the device buffers).
+pub trait GradSync<B: Backend> {
+    fn name(&self) -> &'static str;
+    /// Sum `grads` (layout order) across ranks. May only queue the work on the device; it is
+    /// complete once the backend is synchronised.
+    fn all_reduce(
+        &self,
+        be: &B,
+        comm: &dyn Comm,
+        layout: &ParamLayout,
+        grads: &mut [B::Buf],
+    ) -> Result<(), TrainError>;
+    /// The step's device work has finished (the backend was synchronised).
+    fn step_done(&self) {}
+    /// The loop is leaving on an error: stop any collective in flight (never waits for peers).
+    fn abort(&self) {}
+}
+
+/// Calls [`GradSync::abort`] when dropped before the loop finished (an error leaves it).
+pub(super) struct AbortOnError<'a, B: Backend> {
+    pub(super) sync: &'a dyn GradSync<B>,
+    pub(super) finished: bool,
+}
+
+impl<B: Backend> Drop for AbortOnError<'_, B> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.sync.abort();
+        }
+    }
+}
+
+/// Gradients through host buffers: download, [`Comm::all_reduce_sum`] in buckets of
+/// `dist.bucket_mb`, upload (the CPU backend's buffers are host memory already).
+#[derive(Debug, Clone, Copy)]
+pub struct HostStaged {
+    bucket_floats: usize,
+}
+
+impl HostStaged {
+    pub fn new(cfg: &Config) -> Self {
+        Self {
+            bucket_floats: bucket_floats(cfg),
+        }
+    }
+}
+
+pub(super) fn bucket_floats(cfg: &Config) -> usize {
+    ((cfg.dist.bucket_mb << 20) / std::mem::size_of::<f32>()).max(1)
+}
+
+impl<B: Backend> GradSync<B> for HostStaged {
+    fn name(&self) -> &'static str {
+        "host"
+    }
+    fn all_reduce(
+        &self,
+        be: &B,
+        comm: &dyn Comm,
+        layout: &ParamLayout,
+        grads: &mut [B::Buf],
+    ) -> Result<(), TrainError> {
+        all_reduce_grads(be, comm, layout, grads, self.bucket_floats)
+    }
+}
+
+/// Consecutive tensors in groups of at most `bucket_floats` elements (a larger tensor alone).
+pub(super) fn buckets(numels: &[usize], bucket_floats: usize) -> Vec<Range<usize>> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < numels.len() {
+        let (mut j, mut floats) = (i, 0);
+        while j < numels.len() && (j == i || floats + numels[j] <= bucket_floats) {
+            floats += numels[j];
+            j += 1;
+        }
+        out.push(i..j);
+        i = j;
+    }
+    out
+}
+
+/// Gradients summed by NCCL on the device: one NCCL group (one launch) per bucket of
+/// `dist.bucket_mb`, in place, on the backend's stream after the backward (no copies, no host
+/// round trip). The watchdog of [`crate::dist::nccl::NcclComm`] times them.
+pub struct NcclGradSync {
+    nccl: crate::dist::nccl::NcclComm,
+    bucket_floats: usize,
+}
+
+impl NcclGradSync {
+    pub fn new(be: &CudaBackend, cfg: &Config, comm: &dyn Comm) -> Result<Self, TrainError> {
+        let timeout = std::time::Duration::from_secs(cfg.dist.timeout_s);
+        let nccl =
+            crate::dist::nccl::NcclComm::new(comm, be.ctx.clone(), be.stream.clone(), timeout)?;
+        let v = nccl.version();
+        tracing::info!(
+            rank = nccl.rank(),
+            world = nccl.world_size(),
+            nccl = format_args!("{}.{}.{}", v / 10000, (v / 100) % 100, v % 100),
+            bucket_mb = cfg.dist.bucket_mb,
+            "NCCL communicator"
+        );
+        Ok(Self {
+            nccl,
+            bucket_floats: bucket_floats(cfg),
+        })
+    }
+}
+
+impl GradSync<CudaBackend> for NcclGradSync {
+    fn name(&self) -> &'static str {
+        "nccl"
+    }
+    fn all_reduce(
+        &self,
+        _be: &CudaBackend,
+        _comm: &dyn Comm,
+        layout: &ParamLayout,
+        grads: &mut [cudarc::driver::CudaSlice<f32>],
+    ) -> Result<(), TrainError> {
+        let numels: Vec<usize> = layout.specs.iter().map(|s| s.numel()).collect();
+        let mut rest: &mut [cudarc::driver::CudaSlice<f32>] = grads;
+        for b in buckets(&numels, self.bucket_floats) {
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(b.len());
+            rest = tail;
+            let mut bufs: Vec<_> = head
+                .iter_mut()
+                .zip(&numels[b])
+                .map(|(g, &n)| (g, n))
+                .collect();
+            self.nccl.all_reduce_sum_group(&mut bufs)?;
+        }
+        Ok(())
+    }
+    fn step_done(&self) {
+        self.nccl.disarm();
+    }
+    fn abort(&self) {
+        self.nccl.abort();
+    }
+}
+
+/// The gradient sync of a CUDA run: NCCL for world > 1 without ZeRO-1 (ZeRO-1 still
+/// reduce-scatters through host buffers), unless `PACKTRAIN_GRAD_SYNC=host` asks for the
+/// host path (for comparisons, or where NCCL is missing).
+pub fn cuda_grad_sync(
+    be: &CudaBackend,
+    cfg: &Config,
+    comm: &dyn Comm,
+) -> Result<Box<dyn GradSync<CudaBackend>>, TrainError> {
+    let host = Box::new(HostStaged::new(cfg));
+    if comm.world_size() == 1 || cfg.dist.zero1 {
+        return Ok(host);
+    }
+    match std::env::var("PACKTRAIN_GRAD_SYNC").ok().as_deref() {
+        Some("host") => {
+            tracing::warn!("PACKTRAIN_GRAD_SYNC=host: device gradients go through host buffers");
+            Ok(host)
+        }
+        None | Some("") | Some("nccl") => Ok(Box::new(NcclGradSync::new(be, cfg, comm)?)),
+        Some(other) => Err(TrainError::Dist(DistError::Environment(format!(
+            "PACKTRAIN_GRAD_SYNC={other:?}: expected \"nccl\" (the default on GPUs) or \"host\""
+        )))),
+    }
+}
+
+/// Sum every gradient across ranks: consecutive tensors share one all-reduce of at most
+/// `bucket_floats` elements (`dist.bucket_mb`; a larger tensor goes alone).
+pub(super) fn all_reduce_grads<B: Backend>(
+    be: &B,
+    comm: &dyn Comm,
+    layout: &ParamLayout,
+    grads: &mut [B::Buf],
+    bucket_floats: usize,
+) -> Result<(), TrainError> {
+    let n = layout.specs.len();
+    let mut host = Vec::new();
+    let mut i = 0;
+    while i < n {
+        host.clear();
+        let mut j = i;
+        while j < n && (j == i || host.len() + layout.specs[j].numel() <= bucket_floats) {
+            host.extend(be.download(&grads[j], layout.specs[j].numel())?);
+            j += 1;
+        }
+        comm.all_reduce_sum(&mut host)?;
+        let mut at = 0;
+        for (grad, spec) in grads[i..j].iter_mut().zip(&layout.specs[i..j]) {
+            be.upload(grad, &host[at..at + spec.numel()])?;
+            at += spec.numel();
+        }
+        i = j;
+    }
+    Ok(())
+}
+
+/// ZeRO-1: sum the gradients across ranks into their owners; afterwards this rank's gradients
+/// of the tensors `shards[rank]` are the global sums (the others stay local and unused).
+pub(super) fn reduce_scatter_grads<B: Backend>(
+    be: &B,
+    comm: &dyn Comm,
+    layout: &ParamLayout,
+    grads: &mut [B::Buf],
+    shards: &[Range<usize>],
+) -> Result<(), TrainError> {
+    let mut flat = Vec::with_capacity(layout.numel());
+    for (g, s) in grads.iter().zip(&layout.specs) {
+        flat.extend(be.download(g, s.numel())?);
+    }
+    comm.reduce_scatter_sum(&mut flat, &shard_counts(layout, shards))?;
+    let off = tensor_offsets(layout);
+    for i in shards[comm.rank()].clone() {
+        let n = layout.specs[i].numel();
+        be.upload(&mut grads[i], &flat[off[i]..off[i] + n])?;
+    }
+    Ok(())
+}
+
+/// ZeRO-1: every rank's updated shard of the weights to every rank.
+pub(super) fn all_gather_params<B: Backend>(
+    be: &B,
+    comm: &dyn Comm,
+    layout: &ParamLayout,
+    params: &mut [B::Buf],
+    shards: &[Range<usize>],
+) -> Result<(), TrainError> {
+    let off = tensor_offsets(layout);
+    let mine = shards[comm.rank()].clone();
+    let mut flat = vec![0.0f32; layout.numel()];
+    for i in mine.clone() {
+        let n = layout.specs[i].numel();
+        flat[off[i]..off[i] + n].copy_from_slice(&be.download(&params[i], n)?);
+    }
+    comm.all_gather(&mut flat, &shard_counts(layout, shards))?;
+    for (i, p) in params.iter_mut().enumerate() {
+        if !mine.contains(&i) {
+            let n = layout.specs[i].numel();
+            be.upload(p, &flat[off[i]..off[i] + n])?;
+        }
+    }
+    Ok(())
+}
+
+/// Every tensor's AdamW moments on rank 0, `None` on the others. Under ZeRO-1 the shards are
+/// gathered, so every rank must call this at the same point.
+pub(super) fn moments_on_root<B: Backend>(
+    be: &B,
+    comm: &dyn Comm,
+    layout: &ParamLayout,
+    opt: &AdamW<B>,
+    shards: Option<&[Range<usize>]>,
+) -> Result<Option<HostMoments>, TrainError> {
+    let Some(shards) = shards else {
+        return Ok(if comm.is_root() {
+            Some(opt.to_host(be, layout)?)
+        } else {
+            None
+        });
+    };
+    let (m, v) = opt.to_host(be, layout)?;
+    let (off, counts) = (tensor_offsets(layout), shard_counts(layout, shards));
+    let gather = |part: Vec<Vec<f32>>| -> Result<Vec<Vec<f32>>, TrainError> {
+        let mut flat = vec![0.0f32; layout.numel()];
+        for i in opt.owned.clone() {
+            flat[off[i]..off[i] + part[i].len()].copy_from_slice(&part[i]);
+        }
+        comm.gather_to_root(&mut flat, &counts)?;
+        Ok(layout
+            .specs
+            .iter()
+            .zip(&off)
+            .map(|(s, &o)| flat[o..o + s.numel()].to_vec())
+            .collect())
+    };
+    let (m, v) = (gather(m)?, gather(v)?);
+    Ok(comm.is_root().then_some((m, v)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::buckets;
+
+    #[test]
+    fn buckets_group_consecutive_tensors_and_a_large_one_goes_alone() {
+        assert_eq!(
+            buckets(&[3, 3, 3, 10, 1, 1], 6),
+            vec![0..2, 2..3, 3..4, 4..6]
+        );
+        assert_eq!(buckets(&[], 6), Vec::<std::ops::Range<usize>>::new());
+        assert_eq!(buckets(&[7], 6), vec![0..1]);
+    }
+}

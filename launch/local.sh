@@ -35,18 +35,8 @@ if [[ ! -f $config ]]; then
   exit 2
 fi
 
-# A port nothing on 127.0.0.1 answers on.
-free_port() {
-  local p
-  for _ in $(seq 100); do
-    p=$((20000 + RANDOM % 40000))
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-      echo "$p"
-      return
-    fi
-  done
-  echo 29500
-}
+# shellcheck source=launch/common.sh
+source "$here/common.sh"
 
 export MASTER_ADDR=127.0.0.1
 export MASTER_PORT=${MASTER_PORT:-$(free_port)}

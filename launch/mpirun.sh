@@ -29,17 +29,8 @@ command -v mpirun >/dev/null || {
   exit 2
 }
 
-free_port() {
-  local p
-  for _ in $(seq 100); do
-    p=$((20000 + RANDOM % 40000))
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-      echo "$p"
-      return
-    fi
-  done
-  echo 29500
-}
+# shellcheck source=launch/common.sh
+source "$here/common.sh"
 
 export MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 export MASTER_PORT=${MASTER_PORT:-$(free_port)}

@@ -754,3 +754,34 @@ fn llama3_inv_freq_matches_transformers_fixture() {
         assert!(got[j] < base[j] && got[j] > base[j] / 8.0, "j = {j}");
     }
 }
+
+/// `eval --device cuda` where CUDA cannot be used is an error naming what is missing, not a
+/// panic. (Skipped, loudly, on a machine where the CUDA libraries do load.)
+#[test]
+fn eval_on_cuda_without_cuda_is_a_clear_error() {
+    if packtrain::backend::cuda::probe_libraries().is_ok() {
+        eprintln!(
+            "SKIPPED eval_on_cuda_without_cuda_is_a_clear_error: CUDA libraries are present here"
+        );
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("docs.jsonl");
+    std::fs::write(&data, "{\"input_ids\": [1, 2, 3]}\n").unwrap();
+    let args = EvalArgs {
+        model: fixture("hf_tiny_llama"),
+        data: vec![data],
+        format: EvalFormat::Auto,
+        chat_template: None,
+        tokens_per_batch: 16,
+        max_doc_tokens: None,
+        out: Some(tmp.path().join("out.jsonl")),
+        save: None,
+        save_dtype: None,
+        save_max_shard_size: 5_000_000_000,
+        device: packtrain::cli::eval::EvalDevice::Cuda,
+        gpu: 0,
+    };
+    let e = format!("{:#}", run(&args).unwrap_err());
+    assert!(e.contains("not found") && e.contains("lib"), "{e}");
+}

@@ -1,5 +1,6 @@
 //! The command line: one module per subcommand, `main.rs` dispatches.
 
+pub mod attention_dump;
 pub mod bench;
 pub mod check;
 pub mod eval;

@@ -12,8 +12,8 @@
 //! and writes only the leading elements its dims describe, so buffers sized for the largest
 //! micro-batch are reused for every smaller one.
 //!
-//! Buffers belong to the backend (`Buf` for floats in the backend's storage precision,
-//! `IdxBuf` for i32 indices); the host sees values only through `upload`/`download`, so a
+//! Buffers belong to the backend (`Buf` for floats, full precision from `alloc` or the
+//! activation precision from `alloc_act`; `IdxBuf` for i32 indices); the host sees values only through `upload`/`download`, so a
 //! device backend runs a whole step without host round trips except `sum_squares`.
 
 pub mod cpu;
@@ -133,8 +133,21 @@ pub trait Backend {
     fn name(&self) -> &'static str;
 
     // ---------------------------------------------------------------- memory
-    /// A zeroed buffer of `len` floats.
+    /// A zeroed buffer of `len` floats in full precision (f32): parameters, gradients,
+    /// optimizer moments, per-row statistics.
     fn alloc(&self, len: usize) -> Result<Self::Buf, BackendError>;
+    /// A zeroed buffer of `len` floats in the backend's activation precision (bf16 on CUDA, f32
+    /// on the CPU): activations, their gradients, and the working copies of the weights the
+    /// GEMMs read. Every op accepts either kind of buffer for any float argument; values
+    /// stored into a lower-precision buffer are rounded (to nearest even).
+    fn alloc_act(&self, len: usize) -> Result<Self::Buf, BackendError> {
+        self.alloc(len)
+    }
+    /// Whether `alloc_act` buffers are f32 (then the model needs no working copies of its
+    /// weights).
+    fn activations_are_f32(&self) -> bool {
+        true
+    }
     /// A zeroed buffer of `len` i32.
     fn alloc_idx(&self, len: usize) -> Result<Self::IdxBuf, BackendError>;
     /// Length of a buffer in elements.
@@ -147,7 +160,7 @@ pub trait Backend {
     fn download(&self, src: &Self::Buf, len: usize) -> Result<Vec<f32>, BackendError>;
     /// Set the leading `len` elements to zero.
     fn zero(&self, buf: &mut Self::Buf, len: usize) -> Result<(), BackendError>;
-    /// `dst[..len] = src[..len]`.
+    /// `dst[..len] = src[..len]`, converting between precisions where they differ.
     fn copy(&self, dst: &mut Self::Buf, src: &Self::Buf, len: usize) -> Result<(), BackendError>;
     /// Wait for every queued op (a no-op on the CPU).
     fn synchronize(&self) -> Result<(), BackendError>;

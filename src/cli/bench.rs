@@ -57,7 +57,7 @@ pub enum BenchModel {
     /// d 768, 12 layers, 12 heads, ffn 2048, vocab 32000, untied.
     #[value(name = "llama-160m")]
     Llama160m,
-    /// d 2048, 22 layers, 32 heads / 4 kv heads, ffn 5632, vocab 32000, untied (recomputes).
+    /// d 2048, 22 layers, 32 heads / 4 kv heads, ffn 5632, vocab 32000, untied.
     #[value(name = "tinyllama-1.1b")]
     TinyLlama1_1b,
     /// Both, one after the other.
@@ -98,10 +98,12 @@ pub struct BenchArgs {
     /// Untimed warm-up steps before them.
     #[arg(long, default_value_t = 3)]
     pub warmup: usize,
-    /// Recompute layer activations in the backward (train.recompute), whatever the config says
-    /// (tinyllama-1.1b's config already sets it: its f32 activations do not fit otherwise).
-    #[arg(long)]
+    /// Recompute layer activations in the backward (train.recompute), whatever the config says.
+    #[arg(long, conflicts_with = "no_recompute")]
     pub recompute: bool,
+    /// Keep every layer's activations, whatever the config says.
+    #[arg(long)]
+    pub no_recompute: bool,
     /// Write the results, one JSON object per line (with `--model all`, FILE gets the model
     /// name before its extension, one file per model).
     #[arg(long, value_name = "FILE")]
@@ -376,15 +378,8 @@ pub fn run_steps<B: Backend>(
         } else {
             1.0
         };
-        opt.update(
-            be,
-            &layout,
-            &mut model.params,
-            &model.grads,
-            tc,
-            tc.lr,
-            clip as f32,
-        )?;
+        let (params, grads) = model.params_mut_and_grads();
+        opt.update(be, &layout, params, grads, tc, tc.lr, clip as f32)?;
         be.synchronize()?;
         let t2 = Instant::now();
         sample(&mut peak)?;
@@ -496,7 +491,7 @@ fn bench_one(args: &BenchArgs, which: BenchModel, paths: &Paths) -> anyhow::Resu
     let name = which.name();
     let mut cfg = which.config()?;
     cfg.packing.tokens_per_micro_batch = args.tokens;
-    let recompute = args.recompute || cfg.train.recompute;
+    let recompute = !args.no_recompute && (args.recompute || cfg.train.recompute);
     cfg.train.recompute = recompute;
     let n = args.warmup + args.steps;
     let t_plan = Instant::now();
@@ -677,7 +672,7 @@ mod tests {
             ),
             (2048, 22, 32, 4, 5632, 32000)
         );
-        assert!(!m.tie_embeddings && c.train.recompute);
+        assert!(!m.tie_embeddings && !c.train.recompute);
         // TinyLlama's published parameter count.
         let n = ParamLayout::new(m).numel();
         assert!((1_090_000_000..1_110_000_000).contains(&n), "{n}");

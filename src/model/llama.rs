@@ -12,6 +12,16 @@
 //! ```
 //! The backward walks the same list in reverse; `dres` carries the residual-stream gradient
 //! and every rmsnorm backward adds into it.
+//!
+//! Precision: parameters, gradients, `dres` and the per-row statistics (rstd, lse, losses) are
+//! full precision (`Backend::alloc`); activations, the other gradient scratch and the working
+//! copies of the GEMM weights are in the backend's activation precision (`alloc_act`: bf16 on
+//! CUDA). The working copies are refreshed from the f32 parameters before the first forward
+//! after any change through [`Llama::params_mut`].
+//!
+//! Memory: a layer keeps n1, rstd1, qkv, att, lse, r1, n2, rstd2 and gate_up for its backward;
+//! s = silu(gate) * up is recomputed from gate_up there (one cheap element-wise pass instead
+//! of T F values per layer, 4 GB for TinyLlama at 16384 tokens).
 
 use crate::backend::{AttnDims, Backend, BackendError};
 use crate::config::ModelConfig;
@@ -76,28 +86,28 @@ struct LayerActs<B: Backend> {
     n2: B::Buf,
     rstd2: B::Buf,
     gate_up: B::Buf,
-    s: B::Buf,
 }
 
 impl<B: Backend> LayerActs<B> {
     fn new(be: &B, cap: usize, m: &Dims) -> Result<Self, BackendError> {
         Ok(Self {
-            n1: be.alloc(cap * m.c)?,
+            n1: be.alloc_act(cap * m.c)?,
             rstd1: be.alloc(cap)?,
-            qkv: be.alloc(cap * m.qkv)?,
-            att: be.alloc(cap * m.h * m.d)?,
+            qkv: be.alloc_act(cap * m.qkv)?,
+            att: be.alloc_act(cap * m.h * m.d)?,
             lse: be.alloc(cap * m.h)?,
-            r1: be.alloc(cap * m.c)?,
-            n2: be.alloc(cap * m.c)?,
+            r1: be.alloc_act(cap * m.c)?,
+            n2: be.alloc_act(cap * m.c)?,
             rstd2: be.alloc(cap)?,
-            gate_up: be.alloc(cap * 2 * m.f)?,
-            s: be.alloc(cap * m.f)?,
+            gate_up: be.alloc_act(cap * 2 * m.f)?,
         })
     }
 }
 
-/// Gradient scratch shared by all layers.
+/// Scratch shared by all layers: s (forward, and recomputed in the backward) and the
+/// gradients of one layer.
 struct Scratch<B: Backend> {
+    s: B::Buf,
     dres: B::Buf,
     dn: B::Buf,
     dqkv: B::Buf,
@@ -122,7 +132,13 @@ struct Dims {
 pub struct Llama<B: Backend> {
     pub config: ModelConfig,
     pub layout: ParamLayout,
-    pub params: Vec<B::Buf>,
+    /// f32 master weights, in layout order (read them through [`Llama::params`], change them
+    /// through [`Llama::params_mut`]).
+    params: Vec<B::Buf>,
+    /// Activation-precision copies of the matrices the GEMMs read (`Some` at those indices
+    /// when the backend's activations are not f32), and whether they are stale.
+    working: Vec<Option<B::Buf>>,
+    working_stale: bool,
     pub grads: Vec<B::Buf>,
     dims: Dims,
     capacity: usize,
@@ -137,6 +153,16 @@ pub struct Llama<B: Backend> {
     /// Per-token loss of the last forward.
     losses: B::Buf,
     scratch: Scratch<B>,
+}
+
+/// The buffer a GEMM reads for parameter `i`: its working copy, else the master (a free
+/// function, so it borrows only these two fields).
+fn gemm_weight<'a, B: Backend>(
+    working: &'a [Option<B::Buf>],
+    params: &'a [B::Buf],
+    i: usize,
+) -> &'a B::Buf {
+    working[i].as_ref().unwrap_or(&params[i])
 }
 
 /// RoPE inverse frequencies `theta^(-2j/D)`, j < D/2.
@@ -226,28 +252,40 @@ impl<B: Backend> Llama<B> {
             params.push(p);
             grads.push(be.alloc(w.len())?);
         }
+        let gemm_weights = layout.gemm_weights();
+        let working = (0..params.len())
+            .map(
+                |i| match gemm_weights.contains(&i) && !be.activations_are_f32() {
+                    true => be.alloc_act(layout.specs[i].numel()).map(Some),
+                    false => Ok(None),
+                },
+            )
+            .collect::<Result<_, _>>()?;
         let mut inv_freq = be.alloc(d / 2)?;
         be.upload(&mut inv_freq, &rope_inv_freq_for(config))?;
         let cap = capacity.max(1);
         let n_act_sets = if recompute { 1 } else { config.n_layers };
         let residual = (0..=config.n_layers)
-            .map(|_| be.alloc(cap * dims.c))
+            .map(|_| be.alloc_act(cap * dims.c))
             .collect::<Result<_, _>>()?;
         let acts = (0..n_act_sets)
             .map(|_| LayerActs::new(be, cap, &dims))
             .collect::<Result<_, _>>()?;
         let scratch = Scratch {
+            s: be.alloc_act(cap * dims.f)?,
             dres: be.alloc(cap * dims.c)?,
-            dn: be.alloc(cap * dims.c)?,
-            dqkv: be.alloc(cap * dims.qkv)?,
-            datt: be.alloc(cap * dims.h * dims.d)?,
-            dgate_up: be.alloc(cap * 2 * dims.f)?,
-            ds: be.alloc(cap * dims.f)?,
+            dn: be.alloc_act(cap * dims.c)?,
+            dqkv: be.alloc_act(cap * dims.qkv)?,
+            datt: be.alloc_act(cap * dims.h * dims.d)?,
+            dgate_up: be.alloc_act(cap * 2 * dims.f)?,
+            ds: be.alloc_act(cap * dims.f)?,
         };
         Ok(Self {
             config: config.clone(),
             layout,
             params,
+            working,
+            working_stale: true,
             grads,
             dims,
             capacity: cap,
@@ -255,7 +293,7 @@ impl<B: Backend> Llama<B> {
             inv_freq,
             residual,
             acts,
-            nf: be.alloc(cap * dims.c)?,
+            nf: be.alloc_act(cap * dims.c)?,
             rstd_f: be.alloc(cap)?,
             losses: be.alloc(cap)?,
             scratch,
@@ -265,6 +303,43 @@ impl<B: Backend> Llama<B> {
     /// Largest batch (tokens) this model's buffers hold.
     pub fn capacity(&self) -> usize {
         self.capacity
+    }
+
+    /// The f32 master weights, in layout order.
+    pub fn params(&self) -> &[B::Buf] {
+        &self.params
+    }
+
+    /// The master weights for changing (optimizer, checkpoint load); the GEMMs' working
+    /// copies are refreshed before the next forward.
+    pub fn params_mut(&mut self) -> &mut [B::Buf] {
+        self.working_stale = true;
+        &mut self.params
+    }
+
+    /// [`Llama::params_mut`] together with the gradients (for the optimizer step).
+    pub fn params_mut_and_grads(&mut self) -> (&mut [B::Buf], &[B::Buf]) {
+        self.working_stale = true;
+        (&mut self.params, &self.grads)
+    }
+
+    /// Copy (round) the master weights into the working copies if they changed.
+    fn refresh_working(&mut self, be: &B) -> Result<(), BackendError> {
+        if !self.working_stale {
+            return Ok(());
+        }
+        for ((w, p), spec) in self
+            .working
+            .iter_mut()
+            .zip(&self.params)
+            .zip(&self.layout.specs)
+        {
+            if let Some(w) = w {
+                be.copy(w, p, spec.numel())?;
+            }
+        }
+        self.working_stale = false;
+        Ok(())
     }
 
     fn attn_dims(&self, batch: &DeviceBatch<B>) -> AttnDims {
@@ -317,20 +392,13 @@ impl<B: Backend> Llama<B> {
             m.c,
             m.eps,
         )?;
+        let gw = |i| gemm_weight::<B>(&self.working, &self.params, i);
         let bias = p.bqkv.map(|b| &self.params[b]);
-        be.matmul_forward(&mut a.qkv, &a.n1, &self.params[p.wqkv], bias, t, m.c, m.qkv)?;
+        be.matmul_forward(&mut a.qkv, &a.n1, gw(p.wqkv), bias, t, m.c, m.qkv)?;
         be.rope_forward(&mut a.qkv, &batch.positions, &self.inv_freq, ad)?;
         be.attention_forward(&mut a.att, &mut a.lse, &a.qkv, &batch.cu_seqlens, ad)?;
         // r1 = r0 + att Wo^T: the projection lands in r1, then the residual is added.
-        be.matmul_forward(
-            &mut a.r1,
-            &a.att,
-            &self.params[p.wo],
-            None,
-            t,
-            m.h * m.d,
-            m.c,
-        )?;
+        be.matmul_forward(&mut a.r1, &a.att, gw(p.wo), None, t, m.h * m.d, m.c)?;
         be.add_inplace(&mut a.r1, r0, t * m.c)?;
         be.rmsnorm_forward(
             &mut a.n2,
@@ -341,17 +409,10 @@ impl<B: Backend> Llama<B> {
             m.c,
             m.eps,
         )?;
-        be.matmul_forward(
-            &mut a.gate_up,
-            &a.n2,
-            &self.params[p.wgate_up],
-            None,
-            t,
-            m.c,
-            2 * m.f,
-        )?;
-        be.swiglu_forward(&mut a.s, &a.gate_up, t, m.f)?;
-        be.matmul_forward(r2, &a.s, &self.params[p.wdown], None, t, m.f, m.c)?;
+        be.matmul_forward(&mut a.gate_up, &a.n2, gw(p.wgate_up), None, t, m.c, 2 * m.f)?;
+        let sbuf = &mut self.scratch.s;
+        be.swiglu_forward(sbuf, &a.gate_up, t, m.f)?;
+        be.matmul_forward(r2, sbuf, gw(p.wdown), None, t, m.f, m.c)?;
         be.add_inplace(r2, &a.r1, t * m.c)?;
         Ok(())
     }
@@ -370,6 +431,7 @@ impl<B: Backend> Llama<B> {
         loss_scale: Option<f32>,
     ) -> Result<(), BackendError> {
         self.check_capacity(batch)?;
+        self.refresh_working(be)?;
         let m = self.dims;
         let t = batch.t;
         be.embedding_forward(
@@ -394,12 +456,13 @@ impl<B: Backend> Llama<B> {
             m.eps,
         )?;
         let lm = self.layout.lm_head;
+        let w_lm = gemm_weight::<B>(&self.working, &self.params, lm);
         match loss_scale {
             None => be.classifier(
                 &mut self.losses,
                 None,
                 &self.nf,
-                &self.params[lm],
+                w_lm,
                 &batch.targets,
                 0.0,
                 t,
@@ -413,7 +476,7 @@ impl<B: Backend> Llama<B> {
                     &mut self.losses,
                     Some((dn, dw)),
                     &self.nf,
-                    &self.params[lm],
+                    w_lm,
                     &batch.targets,
                     scale,
                     t,
@@ -499,16 +562,18 @@ impl<B: Backend> Llama<B> {
         let s = &mut self.scratch;
         let g = &mut self.grads;
         let w = &self.params;
+        let gw = |i| gemm_weight::<B>(&self.working, &self.params, i);
 
-        // r2 = r1 + s Wdown^T
+        // r2 = r1 + s Wdown^T, with s recomputed from gate_up (not kept by the forward).
+        be.swiglu_forward(&mut s.s, &a.gate_up, t, m.f)?;
         be.zero(&mut s.ds, t * m.f)?;
         be.matmul_backward(
             &mut s.ds,
             &mut g[p.wdown],
             None,
             &s.dres,
-            &a.s,
-            &w[p.wdown],
+            &s.s,
+            gw(p.wdown),
             t,
             m.f,
             m.c,
@@ -521,7 +586,7 @@ impl<B: Backend> Llama<B> {
             None,
             &s.dgate_up,
             &a.n2,
-            &w[p.wgate_up],
+            gw(p.wgate_up),
             t,
             m.c,
             2 * m.f,
@@ -546,7 +611,7 @@ impl<B: Backend> Llama<B> {
             None,
             &s.dres,
             &a.att,
-            &w[p.wo],
+            gw(p.wo),
             t,
             m.h * m.d,
             m.c,
@@ -577,7 +642,7 @@ impl<B: Backend> Llama<B> {
                     Some(db),
                     &s.dqkv,
                     &a.n1,
-                    &w[p.wqkv],
+                    gw(p.wqkv),
                     t,
                     m.c,
                     m.qkv,
@@ -589,7 +654,7 @@ impl<B: Backend> Llama<B> {
                 None,
                 &s.dqkv,
                 &a.n1,
-                &w[p.wqkv],
+                gw(p.wqkv),
                 t,
                 m.c,
                 m.qkv,

@@ -61,6 +61,19 @@ pub struct ParamLayout {
 }
 
 impl ParamLayout {
+    /// Indices of the matrices the GEMMs read (every layer's wqkv, wo, wgate_up, wdown, and
+    /// the lm_head), ascending: the ones that get working copies in the activation precision.
+    pub fn gemm_weights(&self) -> Vec<usize> {
+        let mut ix: Vec<usize> = self
+            .layers
+            .iter()
+            .flat_map(|l| [l.wqkv, l.wo, l.wgate_up, l.wdown])
+            .chain(std::iter::once(self.lm_head))
+            .collect();
+        ix.sort_unstable();
+        ix
+    }
+
     pub fn new(cfg: &ModelConfig) -> Self {
         let (v, c, f) = (cfg.vocab_size, cfg.d_model, cfg.ffn_dim);
         let d = cfg.head_dim();

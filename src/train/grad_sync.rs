@@ -161,18 +161,18 @@ impl GradSync<CudaBackend> for NcclGradSync {
         _be: &CudaBackend,
         _comm: &dyn Comm,
         layout: &ParamLayout,
-        grads: &mut [cudarc::driver::CudaSlice<f32>],
+        grads: &mut [crate::backend::cuda::CudaBuf],
     ) -> Result<(), TrainError> {
         let numels: Vec<usize> = layout.specs.iter().map(|s| s.numel()).collect();
-        let mut rest: &mut [cudarc::driver::CudaSlice<f32>] = grads;
+        let mut rest: &mut [crate::backend::cuda::CudaBuf] = grads;
         for b in buckets(&numels, self.bucket_floats) {
             let (head, tail) = std::mem::take(&mut rest).split_at_mut(b.len());
             rest = tail;
-            let mut bufs: Vec<_> = head
+            let mut bufs = head
                 .iter_mut()
                 .zip(&numels[b])
-                .map(|(g, &n)| (g, n))
-                .collect();
+                .map(|(g, &n)| Ok((g.f32_mut("all_reduce")?, n)))
+                .collect::<Result<Vec<_>, crate::backend::BackendError>>()?;
             self.nccl.all_reduce_sum_group(&mut bufs)?;
         }
         Ok(())

@@ -352,17 +352,18 @@ pub fn run_with<B: Backend>(
             1.0
         };
         let lr = schedule::learning_rate(&cfg.train, state.step as usize, total_steps);
+        let (params, grads) = model.params_mut_and_grads();
         opt.update(
             be,
             &layout,
-            &mut model.params,
-            &model.grads,
+            params,
+            grads,
             &cfg.train,
             lr,
             clip_scale as f32,
         )?;
         if let Some(sh) = &shards {
-            all_gather_params(be, comm, &layout, &mut model.params, sh)?;
+            all_gather_params(be, comm, &layout, model.params_mut(), sh)?;
         }
         be.synchronize()?;
         sync.step_done();

@@ -7,6 +7,7 @@
 use cudarc::cublas::sys;
 use cudarc::driver::sys::CUdeviceptr;
 
+use super::buf::{CudaBuf, DType};
 use super::CudaBackend;
 use crate::backend::BackendError;
 
@@ -39,28 +40,56 @@ impl GemmMode {
     }
 }
 
-/// One operand: device pointer (already offset), leading dimension (row stride, elements).
+/// One operand: device pointer (already offset), element type, leading dimension (row
+/// stride, elements).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Mat {
     pub ptr: CUdeviceptr,
+    pub dtype: DType,
     pub ld: usize,
     /// Elements between consecutive matrices of a batch.
     pub stride: usize,
 }
 
 impl Mat {
+    /// The matrix at the start of `buf`, rows `ld` elements apart.
+    pub fn of(be: &CudaBackend, buf: &CudaBuf, ld: usize) -> Self {
+        Self {
+            ptr: be.raw(buf),
+            dtype: buf.dtype(),
+            ld,
+            stride: 0,
+        }
+    }
+    /// An f32 matrix at a raw address.
     pub fn new(ptr: CUdeviceptr, ld: usize) -> Self {
-        Self { ptr, ld, stride: 0 }
+        Self {
+            ptr,
+            dtype: DType::F32,
+            ld,
+            stride: 0,
+        }
     }
+    /// f32 matrices of a batch, `stride` elements apart.
     pub fn batched(ptr: CUdeviceptr, ld: usize, stride: usize) -> Self {
-        Self { ptr, ld, stride }
+        Self {
+            stride,
+            ..Self::new(ptr, ld)
+        }
     }
-    /// The same matrix `elems` f32 further on.
+    /// The same matrix `elems` elements further on.
     pub fn offset(self, elems: usize) -> Self {
         Self {
-            ptr: self.ptr + (elems * 4) as u64,
+            ptr: self.ptr + (elems * self.dtype.size()) as u64,
             ..self
         }
+    }
+}
+
+fn cuda_type(d: DType) -> sys::cudaDataType_t {
+    match d {
+        DType::F32 => sys::cudaDataType_t::CUDA_R_32F,
+        DType::Bf16 => sys::cudaDataType_t::CUDA_R_16BF,
     }
 }
 
@@ -85,7 +114,9 @@ fn check(status: sys::cublasStatus_t, what: &'static str) -> Result<(), BackendE
 
 impl CudaBackend {
     /// Row-major `C[M,N] = alpha op(A) op(B) + beta C` over `batch` matrices (strides in `Mat`).
-    /// op(A) is `[M,K]`, op(B) is `[K,N]`.
+    /// op(A) is `[M,K]`, op(B) is `[K,N]`. A and B share one element type: bf16 operands run
+    /// on bf16 tensor cores with f32 accumulation into an f32 or bf16 C; f32 operands (into an
+    /// f32 C) run as [`GemmMode`] says. Other mixes are errors (`ops::matmul` converts first).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn gemm(
         &self,
@@ -104,9 +135,18 @@ impl CudaBackend {
         if m == 0 || n == 0 || batch == 0 {
             return Ok(());
         }
-        let f32t = sys::cudaDataType_t::CUDA_R_32F;
+        let ct = match (a.dtype, b.dtype, c.dtype) {
+            (DType::Bf16, DType::Bf16, _) => sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            (DType::F32, DType::F32, DType::F32) => self.gemm_mode.compute_type(),
+            other => {
+                return Err(BackendError::Shape {
+                    op: "gemm",
+                    message: format!("operand types (A, B, C) = {other:?} are not supported"),
+                })
+            }
+        };
+        let (ta, tb, tc) = (cuda_type(a.dtype), cuda_type(b.dtype), cuda_type(c.dtype));
         let algo = sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP;
-        let ct = self.gemm_mode.compute_type();
         let h = *self.blas.handle();
         // SAFETY: the callers pass pointers into live buffers whose lengths they checked against
         // m, n, k, the leading dimensions and the batch strides; cuBLAS runs on our stream.
@@ -121,14 +161,14 @@ impl CudaBackend {
                     k as i32,
                     &alpha as *const f32 as *const _,
                     b.ptr as *const _,
-                    f32t,
+                    tb,
                     b.ld as i32,
                     a.ptr as *const _,
-                    f32t,
+                    ta,
                     a.ld as i32,
                     &beta as *const f32 as *const _,
                     c.ptr as *mut _,
-                    f32t,
+                    tc,
                     c.ld as i32,
                     ct,
                     algo,
@@ -143,16 +183,16 @@ impl CudaBackend {
                     k as i32,
                     &alpha as *const f32 as *const _,
                     b.ptr as *const _,
-                    f32t,
+                    tb,
                     b.ld as i32,
                     b.stride as i64,
                     a.ptr as *const _,
-                    f32t,
+                    ta,
                     a.ld as i32,
                     a.stride as i64,
                     &beta as *const f32 as *const _,
                     c.ptr as *mut _,
-                    f32t,
+                    tc,
                     c.ld as i32,
                     c.stride as i64,
                     batch as i32,

@@ -2,14 +2,15 @@
 //! context and one compute stream per rank, kernels compiled by NVRTC from `kernels/*.cu`,
 //! GEMMs through cuBLAS.
 //!
-//! Storage: this first version keeps every float buffer in f32 (master weights, activations,
-//! gradients, moments) and runs the GEMMs on bf16 tensor cores with f32 accumulation
-//! (`CUBLAS_COMPUTE_32F_FAST_16BF`: operands rounded to bf16 inside cuBLAS). bf16 activation
-//! storage is the next step; the `Backend` trait does not change for it.
+//! Storage (`buf.rs`): parameters, gradients and optimizer moments are f32; activations
+//! (`Backend::alloc_act`) are bf16, or f32 with `PACKTRAIN_ACTIVATIONS=f32`. Every kernel takes
+//! either precision per buffer and computes in f32. GEMMs run on bf16 tensor cores with f32
+//! accumulation (bf16 operands; f32 operands through `CUBLAS_COMPUTE_32F_FAST_16BF`).
 //!
 //! `IdxBuf` keeps a host mirror of what was uploaded, so ops that schedule per document
 //! (attention) read `cu_seqlens` without a device sync.
 
+mod buf;
 mod compile;
 mod gemm;
 mod ops;
@@ -22,6 +23,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchCon
 
 use super::{AdamWStep, AttnDims, Backend, BackendError};
 
+pub use buf::{CudaBuf, DType};
 pub use compile::{arch_name, cache_dir, cuda_include_dir, KernelSource, SOURCES};
 pub use gemm::GemmMode;
 
@@ -77,6 +79,8 @@ pub struct CudaBackend {
     pub arch: &'static str,
     pub device_name: String,
     pub gemm_mode: GemmMode,
+    /// Storage of `alloc_act` buffers.
+    pub act_dtype: DType,
 }
 
 /// Check that the driver and cuBLAS libraries can be loaded, naming the first that cannot.
@@ -164,6 +168,10 @@ impl CudaBackend {
             arch,
             device_name,
             gemm_mode: GemmMode::from_env(),
+            act_dtype: match std::env::var("PACKTRAIN_ACTIVATIONS").as_deref() {
+                Ok("f32") => DType::F32,
+                _ => DType::Bf16,
+            },
         })
     }
 
@@ -206,7 +214,7 @@ pub(crate) fn launch<'a>(
 }
 
 impl Backend for CudaBackend {
-    type Buf = CudaSlice<f32>;
+    type Buf = CudaBuf;
     type IdxBuf = CudaIdx;
 
     fn name(&self) -> &'static str {
@@ -214,9 +222,13 @@ impl Backend for CudaBackend {
     }
 
     fn alloc(&self, len: usize) -> Result<Self::Buf, BackendError> {
-        self.stream
-            .alloc_zeros::<f32>(len.max(1))
-            .map_err(drv("alloc"))
+        self.alloc_dtype(len, DType::F32)
+    }
+    fn alloc_act(&self, len: usize) -> Result<Self::Buf, BackendError> {
+        self.alloc_dtype(len, self.act_dtype)
+    }
+    fn activations_are_f32(&self) -> bool {
+        self.act_dtype == DType::F32
     }
     fn alloc_idx(&self, len: usize) -> Result<Self::IdxBuf, BackendError> {
         Ok(CudaIdx {
@@ -235,10 +247,17 @@ impl Backend for CudaBackend {
         if src.is_empty() {
             return Ok(());
         }
-        let mut view = dst.slice_mut(..src.len());
-        self.stream
-            .memcpy_htod(src, &mut view)
-            .map_err(drv("upload"))
+        let n = src.len();
+        match dst {
+            CudaBuf::F32(d) => self.stream.memcpy_htod(src, &mut d.slice_mut(..n)),
+            CudaBuf::Bf16(d) => {
+                let host = buf::to_bf16(src);
+                self.stream
+                    .memcpy_htod(&host, &mut d.slice_mut(..n))
+                    .and_then(|_| self.stream.synchronize())
+            }
+        }
+        .map_err(drv("upload"))
     }
     fn upload_idx(&self, dst: &mut Self::IdxBuf, src: &[i32]) -> Result<(), BackendError> {
         ops::need("upload_idx", "destination", dst.dev.len(), src.len())?;
@@ -255,10 +274,22 @@ impl Backend for CudaBackend {
     fn download(&self, src: &Self::Buf, len: usize) -> Result<Vec<f32>, BackendError> {
         ops::need("download", "source", src.len(), len)?;
         let mut out = vec![0.0f32; len];
-        if len > 0 {
-            self.stream
-                .memcpy_dtoh(&src.slice(..len), &mut out)
-                .map_err(drv("download"))?;
+        match src {
+            CudaBuf::F32(s) if len > 0 => self
+                .stream
+                .memcpy_dtoh(&s.slice(..len), &mut out)
+                .map_err(drv("download"))?,
+            CudaBuf::Bf16(s) if len > 0 => {
+                let mut host = vec![half::bf16::ZERO; len];
+                self.stream
+                    .memcpy_dtoh(&s.slice(..len), &mut host)
+                    .map_err(drv("download"))?;
+                self.stream.synchronize().map_err(drv("download"))?;
+                for (o, h) in out.iter_mut().zip(&host) {
+                    *o = h.to_f32();
+                }
+            }
+            _ => {}
         }
         self.stream.synchronize().map_err(drv("download"))?;
         Ok(out)
@@ -268,8 +299,11 @@ impl Backend for CudaBackend {
         if len == 0 {
             return Ok(());
         }
-        let mut view = buf.slice_mut(..len);
-        self.stream.memset_zeros(&mut view).map_err(drv("zero"))
+        match buf {
+            CudaBuf::F32(b) => self.stream.memset_zeros(&mut b.slice_mut(..len)),
+            CudaBuf::Bf16(b) => self.stream.memset_zeros(&mut b.slice_mut(..len)),
+        }
+        .map_err(drv("zero"))
     }
     fn copy(&self, dst: &mut Self::Buf, src: &Self::Buf, len: usize) -> Result<(), BackendError> {
         ops::need("copy", "destination", dst.len(), len)?;
@@ -277,10 +311,17 @@ impl Backend for CudaBackend {
         if len == 0 {
             return Ok(());
         }
-        let mut view = dst.slice_mut(..len);
-        self.stream
-            .memcpy_dtod(&src.slice(..len), &mut view)
-            .map_err(drv("copy"))
+        match (dst, src) {
+            (CudaBuf::F32(d), CudaBuf::F32(s)) => self
+                .stream
+                .memcpy_dtod(&s.slice(..len), &mut d.slice_mut(..len))
+                .map_err(drv("copy")),
+            (CudaBuf::Bf16(d), CudaBuf::Bf16(s)) => self
+                .stream
+                .memcpy_dtod(&s.slice(..len), &mut d.slice_mut(..len))
+                .map_err(drv("copy")),
+            (dst, src) => ops::elementwise::convert(self, dst, src, len),
+        }
     }
     fn synchronize(&self) -> Result<(), BackendError> {
         self.stream.synchronize().map_err(drv("synchronize"))
@@ -383,7 +424,7 @@ impl Backend for CudaBackend {
         cu_seqlens: &CudaIdx,
         dims: AttnDims,
     ) -> Result<(), BackendError> {
-        ops::attention::forward(self, out, lse, qkv, cu_seqlens, dims)
+        ops::attention::forward_any(self, out, lse, qkv, cu_seqlens, dims)
     }
     fn attention_backward(
         &self,
@@ -395,7 +436,7 @@ impl Backend for CudaBackend {
         cu_seqlens: &CudaIdx,
         dims: AttnDims,
     ) -> Result<(), BackendError> {
-        ops::attention::backward(self, dqkv, dout, qkv, out, lse, cu_seqlens, dims)
+        ops::attention::backward_any(self, dqkv, dout, qkv, out, lse, cu_seqlens, dims)
     }
     fn swiglu_forward(
         &self,
@@ -439,7 +480,11 @@ impl Backend for CudaBackend {
         ops::classifier::forward_backward(self, losses, grads, x, w, targets, loss_scale, t, c, v)
     }
     fn sum_squares(&self, bufs: &[(&Self::Buf, usize)]) -> Result<f64, BackendError> {
-        ops::adamw::sum_squares(self, bufs)
+        let f32s = bufs
+            .iter()
+            .map(|(b, n)| Ok((b.f32("sum_squares")?, *n)))
+            .collect::<Result<Vec<_>, BackendError>>()?;
+        ops::adamw::sum_squares(self, &f32s)
     }
     fn scale(&self, buf: &mut Self::Buf, n: usize, s: f32) -> Result<(), BackendError> {
         ops::elementwise::scale(self, buf, n, s)
@@ -453,7 +498,9 @@ impl Backend for CudaBackend {
         n: usize,
         hp: AdamWStep,
     ) -> Result<(), BackendError> {
-        ops::adamw::step(self, param, grad, m, v, n, hp)
+        const OP: &str = "adamw";
+        let (p, g) = (param.f32_mut(OP)?, grad.f32(OP)?);
+        ops::adamw::step(self, p, g, m.f32_mut(OP)?, v.f32_mut(OP)?, n, hp)
     }
 }
 

@@ -18,22 +18,23 @@
 // last bits (the CPU reference adds in ascending t). A deterministic version (sort the tokens,
 // segment-sum) is left for later.
 
-extern "C" __global__ void embedding_forward(float* out, const int* tokens, const float* wte,
-                                             int T, int C, int V) {
+extern "C" __global__ void embedding_forward(Ten out, const int* tokens, Ten wte, int T, int C,
+                                             int V) {
     int t = blockIdx.x;
     int c = blockIdx.y * blockDim.x + threadIdx.x;
     if (t >= T || c >= C) return;
     int tok = tokens[t];
     bool ok = tok >= 0 && tok < V;
-    out[(long)t * C + c] = ok ? wte[(long)tok * C + c] : 0.0f;
+    st(out, (long long)t * C + c, ok ? ld(wte, (long long)tok * C + c) : 0.0f);
 }
 
-extern "C" __global__ void embedding_backward(float* dwte, const float* dout, const int* tokens,
-                                              int T, int C, int V) {
+// dwte must be f32 (atomicAdd on f32; the launcher checks).
+extern "C" __global__ void embedding_backward(float* dwte, Ten dout, const int* tokens, int T,
+                                              int C, int V) {
     int t = blockIdx.x;
     int c = blockIdx.y * blockDim.x + threadIdx.x;
     if (t >= T || c >= C) return;
     int tok = tokens[t];
     if (tok < 0 || tok >= V) return;
-    atomicAdd(&dwte[(long)tok * C + c], dout[(long)t * C + c]);
+    atomicAdd(&dwte[(long long)tok * C + c], ld(dout, (long long)t * C + c));
 }

@@ -1,8 +1,9 @@
 // Varlen causal flash attention with GQA (FlashAttention-2 style), head dims 64 and 128.
 //
-// Layouts (row-major, f32 in global memory; tiles are rounded to bf16 in shared memory):
+// Layouts (row-major; qkv, out, dout, dqkv share one element type E, f32 or bf16, and each
+// kernel has an f32 and a `_bf16` entry point; f32 tiles are rounded to bf16 in shared memory):
 //   qkv  [T, W], W = (H + 2 Hkv) D, row t = [q: H D | k: Hkv D | v: Hkv D]
-//   out, dout [T, H D]; lse, dsum [H, T]; dqkv [T, W]
+//   out, dout [T, H D]; lse, dsum [H, T] (f32); dqkv [T, W]
 // Query head h reads kv head h / G, G = H / Hkv. Query i of a document sees keys 0..=i of it.
 //
 // Work lists (built on the host from cu_seqlens, longest work first), one int4 per item:
@@ -13,7 +14,9 @@
 // Backward: item = (document, 64-row key tile kt), per kv head; loops over the G query heads
 //   of that kv head and the query tiles kt.. of the document, so dK, dV accumulate in
 //   registers in a fixed order (deterministic) and are written once; dQ is accumulated in f32
-//   with atomics into dqkv's q columns, which flash_bwd_pre zeroes first.
+//   with atomics into dqacc (row stride ldq), which flash_bwd_pre zeroes first: dqkv's q
+//   columns themselves when E is f32, else an f32 [T, H D] scratch that flash_bwd_post rounds
+//   into dqkv's q columns.
 // Tensor cores: mma.sync m16n8k16 bf16 -> f32. 4 warps; each warp owns 16 rows of the tile
 //   (query rows forward, key rows backward).
 
@@ -74,39 +77,67 @@ __device__ __forceinline__ const unsigned short* fa_at_addr(const unsigned short
     return t + (k0 + (lane & 7) + (lane >> 4) * 8) * S + m0 + ((lane >> 3) & 1) * 8;
 }
 
-// 64 rows x D f32 (row r at g + r ld) -> bf16 tile (row stride D + 8); rows >= valid are 0.
-// Loads go in batches of B float4 per thread (B * 4 registers in flight).
-template <int D, int B>
-__device__ __forceinline__ void fa_load_tile(unsigned short* s, const float* g, long ld,
-                                             int valid) {
+// Element-type helpers: 4 consecutive elements in and out of global memory.
+struct Fa4 {  // 4 elements as loaded: f32 as float4, bf16 as two bf16x2 words
+    float4 f;
+    uint2 b;
+};
+__device__ __forceinline__ void fa_ld4(Fa4& v, const float* p) {
+    v.f = __ldg(reinterpret_cast<const float4*>(p));
+}
+__device__ __forceinline__ void fa_ld4(Fa4& v, const __nv_bfloat16* p) {
+    v.b = __ldg(reinterpret_cast<const uint2*>(p));
+}
+__device__ __forceinline__ uint2 fa_bf16x4(const Fa4& v, const float*) {
+    return make_uint2(fa_pack(v.f.x, v.f.y), fa_pack(v.f.z, v.f.w));
+}
+__device__ __forceinline__ uint2 fa_bf16x4(const Fa4& v, const __nv_bfloat16*) { return v.b; }
+__device__ __forceinline__ float4 fa_f32x4(const float* p) {
+    return *reinterpret_cast<const float4*>(p);
+}
+__device__ __forceinline__ float4 fa_f32x4(const __nv_bfloat16* p) {
+    uint2 u = *reinterpret_cast<const uint2*>(p);
+    return make_float4(__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u),
+                       __uint_as_float(u.y << 16), __uint_as_float(u.y & 0xffff0000u));
+}
+// Two consecutive elements (a at p[0], b at p[1]).
+__device__ __forceinline__ void fa_st2(float* p, float a, float b) {
+    *reinterpret_cast<float2*>(p) = make_float2(a, b);
+}
+__device__ __forceinline__ void fa_st2(__nv_bfloat16* p, float a, float b) {
+    *reinterpret_cast<unsigned*>(p) = fa_pack(a, b);
+}
+
+// 64 rows x D of E (row r at g + r ld) -> bf16 tile (row stride D + 8); rows >= valid are 0.
+// Loads go in batches of B 4-element vectors per thread.
+template <int D, int B, typename E>
+__device__ __forceinline__ void fa_load_tile(unsigned short* s, const E* g, long ld, int valid) {
     constexpr int V4 = D / 4;
     constexpr int N = FA_TILE * V4 / FA_THREADS;
     static_assert(N % B == 0, "batch must divide the loads per thread");
 #pragma unroll 1
     for (int j0 = 0; j0 < N; j0 += B) {
-        float4 v[B];
+        Fa4 v[B];
 #pragma unroll
         for (int j = 0; j < B; ++j) {
             int i = threadIdx.x + (j0 + j) * FA_THREADS;
             int r = i / V4, c = (i % V4) * 4;
-            v[j] = make_float4(0.f, 0.f, 0.f, 0.f);
-            if (r < valid) v[j] = __ldg(reinterpret_cast<const float4*>(g + (long)r * ld + c));
+            v[j].f = make_float4(0.f, 0.f, 0.f, 0.f);
+            v[j].b = make_uint2(0u, 0u);
+            if (r < valid) fa_ld4(v[j], g + (long)r * ld + c);
         }
 #pragma unroll
         for (int j = 0; j < B; ++j) {
             int i = threadIdx.x + (j0 + j) * FA_THREADS;
             int r = i / V4, c = (i % V4) * 4;
-            uint2 u;
-            u.x = fa_pack(v[j].x, v[j].y);
-            u.y = fa_pack(v[j].z, v[j].w);
-            *reinterpret_cast<uint2*>(s + r * (D + 8) + c) = u;
+            *reinterpret_cast<uint2*>(s + r * (D + 8) + c) = fa_bf16x4(v[j], g);
         }
     }
 }
 
-template <int D>
-__device__ __forceinline__ void flash_fwd(float* __restrict__ out, float* __restrict__ lse,
-                                          const float* __restrict__ qkv,
+template <int D, typename E>
+__device__ __forceinline__ void flash_fwd(E* __restrict__ out, float* __restrict__ lse,
+                                          const E* __restrict__ qkv,
                                           const int4* __restrict__ items, int T, int H, int Hkv,
                                           float scale_log2) {
     constexpr int S = D + 8;
@@ -123,8 +154,8 @@ __device__ __forceinline__ void flash_fwd(float* __restrict__ out, float* __rest
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
 
     fa_load_tile<D, 8>(sQ, qkv + (long)(start + q0) * W + (long)h * D, W, L - q0);
-    const float* kb = qkv + (long)start * W + (long)(H + hk) * D;
-    const float* vb = qkv + (long)start * W + (long)(H + Hkv + hk) * D;
+    const E* kb = qkv + (long)start * W + (long)(H + hk) * D;
+    const E* vb = qkv + (long)start * W + (long)(H + Hkv + hk) * D;
 
     float o[D / 8][4];
 #pragma unroll
@@ -214,51 +245,73 @@ __device__ __forceinline__ void flash_fwd(float* __restrict__ out, float* __rest
         const int q = q0 + warp * 16 + g + r * 8;
         if (q < L) {
             const float inv = 1.f / lr;
-            float* orow = out + (long)(start + q) * HD + (long)h * D + 2 * tig;
+            E* orow = out + (long)(start + q) * HD + (long)h * D + 2 * tig;
 #pragma unroll
             for (int i = 0; i < D / 8; ++i)
-                *reinterpret_cast<float2*>(orow + i * 8) =
-                    make_float2(o[i][2 * r] * inv, o[i][2 * r + 1] * inv);
+                fa_st2(orow + i * 8, o[i][2 * r] * inv, o[i][2 * r + 1] * inv);
             if (tig == 0) lse[(long)h * T + start + q] = (m[r] + log2f(lr)) * FA_LN2;
         }
     }
 }
 
-extern "C" __global__ void __launch_bounds__(FA_THREADS)
-    flash_fwd_d64(float* out, float* lse, const float* qkv, const int4* items, int T, int H,
-                  int Hkv, float scale_log2) {
-    flash_fwd<64>(out, lse, qkv, items, T, H, Hkv, scale_log2);
-}
+#define FA_FWD_ENTRY(NAME, D, E)                                                              \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS)                                  \
+        NAME(E* out, float* lse, const E* qkv, const int4* items, int T, int H, int Hkv,      \
+             float scale_log2) {                                                              \
+        flash_fwd<D, E>(out, lse, qkv, items, T, H, Hkv, scale_log2);                          \
+    }
+FA_FWD_ENTRY(flash_fwd_d64, 64, float)
+FA_FWD_ENTRY(flash_fwd_d128, 128, float)
+FA_FWD_ENTRY(flash_fwd_d64_bf16, 64, __nv_bfloat16)
+FA_FWD_ENTRY(flash_fwd_d128_bf16, 128, __nv_bfloat16)
 
-extern "C" __global__ void __launch_bounds__(FA_THREADS)
-    flash_fwd_d128(float* out, float* lse, const float* qkv, const int4* items, int T, int H,
-                   int Hkv, float scale_log2) {
-    flash_fwd<128>(out, lse, qkv, items, T, H, Hkv, scale_log2);
-}
-
-// dsum[h, t] = dout[t, h] . out[t, h] (one warp per (t, h)); dqkv's q columns of row t zeroed.
-extern "C" __global__ void flash_bwd_pre(float* __restrict__ dqkv, float* __restrict__ dsum,
-                                         const float* __restrict__ dout,
-                                         const float* __restrict__ out, int T, int H, int Hkv,
-                                         int D) {
+// dsum[h, t] = dout[t, h] . out[t, h] (one warp per (t, h)); dqacc's row t, head h zeroed
+// (row stride ldq).
+template <typename E>
+__device__ __forceinline__ void flash_bwd_pre(float* __restrict__ dqacc, long ldq,
+                                              float* __restrict__ dsum,
+                                              const E* __restrict__ dout,
+                                              const E* __restrict__ out, int T, int H, int D) {
     const long warp = ((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
     if (warp >= (long)T * H) return;
     const long t = warp / H;
     const int h = (int)(warp % H);
-    const long HD = (long)H * D, W = (long)(H + 2 * Hkv) * D;
-    const float* a = dout + t * HD + (long)h * D;
-    const float* b = out + t * HD + (long)h * D;
-    float* dq = dqkv + t * W + (long)h * D;
+    const long HD = (long)H * D;
+    const E* a = dout + t * HD + (long)h * D;
+    const E* b = out + t * HD + (long)h * D;
+    float* dq = dqacc + t * ldq + (long)h * D;
     float acc = 0.f;
     for (int d = lane * 4; d < D; d += 128) {
-        float4 x = *reinterpret_cast<const float4*>(a + d);
-        float4 y = *reinterpret_cast<const float4*>(b + d);
+        float4 x = fa_f32x4(a + d);
+        float4 y = fa_f32x4(b + d);
         acc += x.x * y.x + x.y * y.y + x.z * y.z + x.w * y.w;
         *reinterpret_cast<float4*>(dq + d) = make_float4(0.f, 0.f, 0.f, 0.f);
     }
     acc = warp_sum(acc);
     if (lane == 0) dsum[(long)h * T + t] = acc;
+}
+
+extern "C" __global__ void flash_bwd_pre_f32(float* dqacc, long long ldq, float* dsum,
+                                             const float* dout, const float* out, int T, int H,
+                                             int D) {
+    flash_bwd_pre<float>(dqacc, ldq, dsum, dout, out, T, H, D);
+}
+
+extern "C" __global__ void flash_bwd_pre_bf16(float* dqacc, long long ldq, float* dsum,
+                                              const __nv_bfloat16* dout,
+                                              const __nv_bfloat16* out, int T, int H, int D) {
+    flash_bwd_pre<__nv_bfloat16>(dqacc, ldq, dsum, dout, out, T, H, D);
+}
+
+// dqkv[t, q columns] = bf16(dqacc[t, :]) for dqacc [T, H D] f32 (one thread per element).
+extern "C" __global__ void flash_bwd_post_bf16(__nv_bfloat16* dqkv, const float* dqacc, int T,
+                                               int H, int Hkv, int D) {
+    const long HD = (long)H * D, W = (long)(H + 2 * Hkv) * D;
+    const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long)T * HD) return;
+    const long t = i / HD, c = i % HD;
+    dqkv[t * W + c] = __float2bfloat16_rn(dqacc[i]);
 }
 
 __device__ __forceinline__ void fa_atomic_add2(float* p, float a, float b) {
@@ -276,9 +329,10 @@ struct FaBwdCfg {
     static constexpr int QC = 32;
 };
 
-template <int D>
-__device__ __forceinline__ void flash_bwd(float* __restrict__ dqkv, const float* __restrict__ dout,
-                                          const float* __restrict__ qkv,
+template <int D, typename E>
+__device__ __forceinline__ void flash_bwd(E* __restrict__ dqkv, float* __restrict__ dqacc,
+                                          long ldq, const E* __restrict__ dout,
+                                          const E* __restrict__ qkv,
                                           const float* __restrict__ lse,
                                           const float* __restrict__ dsum,
                                           const int4* __restrict__ items, int T, int H, int Hkv,
@@ -417,7 +471,7 @@ __device__ __forceinline__ void flash_bwd(float* __restrict__ dqkv, const float*
                 for (int r = 0; r < 2; ++r) {
                     const int q = qa + r * 8;
                     if (q < L) {
-                        float* dq = dqkv + (long)(start + q) * W + (long)hq * D + dc * 64 + 2 * tig;
+                        float* dq = dqacc + (long)(start + q) * ldq + (long)hq * D + dc * 64 + 2 * tig;
 #pragma unroll
                         for (int i = 0; i < 8; ++i)
                             fa_atomic_add2(dq + i * 8, acc[i][2 * r] * scale,
@@ -431,29 +485,27 @@ __device__ __forceinline__ void flash_bwd(float* __restrict__ dqkv, const float*
     for (int r = 0; r < 2; ++r) {
         const int key = k0 + warp * 16 + g + r * 8;
         if (key < L) {
-            float* row = dqkv + (long)(start + key) * W + 2 * tig;
-            float* dkr = row + (long)(H + hk) * D;
-            float* dvr = row + (long)(H + Hkv + hk) * D;
+            E* row = dqkv + (long)(start + key) * W + 2 * tig;
+            E* dkr = row + (long)(H + hk) * D;
+            E* dvr = row + (long)(H + Hkv + hk) * D;
 #pragma unroll
             for (int i = 0; i < D / 8; ++i) {
-                *reinterpret_cast<float2*>(dkr + i * 8) =
-                    make_float2(dk[i][2 * r] * scale, dk[i][2 * r + 1] * scale);
-                *reinterpret_cast<float2*>(dvr + i * 8) = make_float2(dv[i][2 * r], dv[i][2 * r + 1]);
+                fa_st2(dkr + i * 8, dk[i][2 * r] * scale, dk[i][2 * r + 1] * scale);
+                fa_st2(dvr + i * 8, dv[i][2 * r], dv[i][2 * r + 1]);
             }
         }
     }
 }
 
-extern "C" __global__ void __launch_bounds__(FA_THREADS)
-    flash_bwd_d64(float* dqkv, const float* dout, const float* qkv, const float* lse,
-                  const float* dsum, const int4* items, int T, int H, int Hkv, float scale,
-                  float scale_log2) {
-    flash_bwd<64>(dqkv, dout, qkv, lse, dsum, items, T, H, Hkv, scale, scale_log2);
-}
-
-extern "C" __global__ void __launch_bounds__(FA_THREADS)
-    flash_bwd_d128(float* dqkv, const float* dout, const float* qkv, const float* lse,
-                   const float* dsum, const int4* items, int T, int H, int Hkv, float scale,
-                   float scale_log2) {
-    flash_bwd<128>(dqkv, dout, qkv, lse, dsum, items, T, H, Hkv, scale, scale_log2);
-}
+#define FA_BWD_ENTRY(NAME, D, E)                                                              \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS)                                  \
+        NAME(E* dqkv, float* dqacc, long long ldq, const E* dout, const E* qkv,               \
+             const float* lse, const float* dsum, const int4* items, int T, int H, int Hkv,   \
+             float scale, float scale_log2) {                                                 \
+        flash_bwd<D, E>(dqkv, dqacc, ldq, dout, qkv, lse, dsum, items, T, H, Hkv, scale,      \
+                        scale_log2);                                                          \
+    }
+FA_BWD_ENTRY(flash_bwd_d64, 64, float)
+FA_BWD_ENTRY(flash_bwd_d128, 128, float)
+FA_BWD_ENTRY(flash_bwd_d64_bf16, 64, __nv_bfloat16)
+FA_BWD_ENTRY(flash_bwd_d128_bf16, 128, __nv_bfloat16)

@@ -25,63 +25,61 @@
 
 #define RMSNORM_ROWS 256  // rows per dweight partial; must equal ROWS in ops/rmsnorm.rs
 
-extern "C" __global__ void rmsnorm_forward(float* out, float* rstd, const float* x,
-                                           const float* weight, int T, int C, float eps) {
+extern "C" __global__ void rmsnorm_forward(Ten out, Ten rstd, Ten x, Ten weight, int T, int C,
+                                           float eps) {
     int warps = blockDim.x >> 5, lane = threadIdx.x & 31;
     int t = blockIdx.x * warps + (threadIdx.x >> 5);
     if (t >= T) return;
-    const float* xr = x + (long)t * C;
-    float* outr = out + (long)t * C;
+    long long row = (long long)t * C;
     float ss = 0.0f;
     for (int c = lane; c < C; c += 32) {
-        float v = xr[c];
+        float v = ld(x, row + c);
         ss += v * v;
     }
     ss = warp_sum(ss);
     float rs = 1.0f / sqrtf(ss * (1.0f / (float)C) + eps);
-    if (lane == 0) rstd[t] = rs;
-    for (int c = lane; c < C; c += 32) outr[c] = xr[c] * rs * weight[c];
+    if (lane == 0) st(rstd, t, rs);
+    for (int c = lane; c < C; c += 32) st(out, row + c, ld(x, row + c) * rs * ld(weight, c));
 }
 
-extern "C" __global__ void rmsnorm_backward_dx(float* dx, const float* dout, const float* x,
-                                               const float* weight, const float* rstd, int T,
-                                               int C) {
+extern "C" __global__ void rmsnorm_backward_dx(Ten dx, Ten dout, Ten x, Ten weight, Ten rstd,
+                                               int T, int C) {
     int warps = blockDim.x >> 5, lane = threadIdx.x & 31;
     int t = blockIdx.x * warps + (threadIdx.x >> 5);
     if (t >= T) return;
-    long row = (long)t * C;
-    const float* g = dout + row;
-    const float* xr = x + row;
-    float* dxr = dx + row;
+    long long row = (long long)t * C;
     // sum_k g[k] w[k] x[k]
     float dot = 0.0f;
-    for (int c = lane; c < C; c += 32) dot += g[c] * weight[c] * xr[c];
+    for (int c = lane; c < C; c += 32) dot += ld(dout, row + c) * ld(weight, c) * ld(x, row + c);
     dot = warp_sum(dot);
-    float rs = rstd[t];
+    float rs = ld(rstd, t);
     float k = rs * rs * rs * dot * (1.0f / (float)C);
-    for (int c = lane; c < C; c += 32) dxr[c] += rs * g[c] * weight[c] - k * xr[c];
+    for (int c = lane; c < C; c += 32) {
+        long long i = row + c;
+        st(dx, i, ld(dx, i) + rs * ld(dout, i) * ld(weight, c) - k * ld(x, i));
+    }
 }
 
-extern "C" __global__ void rmsnorm_backward_dweight_partial(float* partial, const float* dout,
-                                                            const float* x, const float* rstd,
-                                                            int T, int C) {
+// partial is an f32 scratch the launcher allocates.
+extern "C" __global__ void rmsnorm_backward_dweight_partial(float* partial, Ten dout, Ten x,
+                                                            Ten rstd, int T, int C) {
     int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
     int t0 = blockIdx.y * RMSNORM_ROWS;
     int t1 = min(T, t0 + RMSNORM_ROWS);
     float acc = 0.0f;
     for (int t = t0; t < t1; t++) {
-        long i = (long)t * C + c;
-        acc += dout[i] * x[i] * rstd[t];
+        long long i = (long long)t * C + c;
+        acc += ld(dout, i) * ld(x, i) * ld(rstd, t);
     }
-    partial[(long)blockIdx.y * C + c] = acc;
+    partial[(long long)blockIdx.y * C + c] = acc;
 }
 
-extern "C" __global__ void rmsnorm_backward_dweight_reduce(float* dweight, const float* partial,
+extern "C" __global__ void rmsnorm_backward_dweight_reduce(Ten dweight, const float* partial,
                                                            int blocks, int C) {
     int c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
-    float d = dweight[c];
-    for (int b = 0; b < blocks; b++) d += partial[(long)b * C + c];
-    dweight[c] = d;
+    float d = ld(dweight, c);
+    for (int b = 0; b < blocks; b++) d += partial[(long long)b * C + c];
+    st(dweight, c, d);
 }

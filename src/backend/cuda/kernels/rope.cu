@@ -10,37 +10,35 @@
 // Both overwrite in place; nothing is saved (the backward recomputes the angles).
 //
 // Launch: grid (T, ceil(D/2 / blockDim.x)), one thread per (t, j): it computes sin/cos once
-// and walks the NH heads of the row, so a warp touches 32 consecutive floats of each half.
+// and walks the NH heads of the row, so a warp touches 32 consecutive elements of each half.
 // sincosf is the precise one (no fast math): positions reach ~1e5, where __sincosf's error
 // is large.
 
-__device__ __forceinline__ void rope_rotate(float* qkv, const int* positions,
-                                            const float* inv_freq, int T, int NH, int QKV,
-                                            int D, float sign) {
+__device__ __forceinline__ void rope_rotate(Ten qkv, const int* positions, Ten inv_freq,
+                                            int T, int NH, int QKV, int D, float sign) {
     int t = blockIdx.x;
     int half = D >> 1;
     int j = blockIdx.y * blockDim.x + threadIdx.x;
     if (t >= T || j >= half) return;
-    float a = (float)positions[t] * inv_freq[j];
+    float a = (float)positions[t] * ld(inv_freq, j);
     float s, c;
     sincosf(a, &s, &c);
     s *= sign;
-    float* row = qkv + (long)t * QKV;
+    long long row = (long long)t * QKV;
     for (int h = 0; h < NH; h++) {
-        float* x1 = row + (long)h * D + j;
-        float* x2 = x1 + half;
-        float a1 = *x1, a2 = *x2;
-        *x1 = a1 * c - a2 * s;
-        *x2 = a2 * c + a1 * s;
+        long long i1 = row + (long long)h * D + j, i2 = i1 + half;
+        float a1 = ld(qkv, i1), a2 = ld(qkv, i2);
+        st(qkv, i1, a1 * c - a2 * s);
+        st(qkv, i2, a2 * c + a1 * s);
     }
 }
 
-extern "C" __global__ void rope_forward(float* qkv, const int* positions, const float* inv_freq,
-                                        int T, int NH, int QKV, int D) {
+extern "C" __global__ void rope_forward(Ten qkv, const int* positions, Ten inv_freq, int T,
+                                        int NH, int QKV, int D) {
     rope_rotate(qkv, positions, inv_freq, T, NH, QKV, D, 1.0f);
 }
 
-extern "C" __global__ void rope_backward(float* dqkv, const int* positions,
-                                         const float* inv_freq, int T, int NH, int QKV, int D) {
+extern "C" __global__ void rope_backward(Ten dqkv, const int* positions, Ten inv_freq, int T,
+                                         int NH, int QKV, int D) {
     rope_rotate(dqkv, positions, inv_freq, T, NH, QKV, D, -1.0f);
 }

@@ -161,7 +161,8 @@ mod tests {
         close("adamw param", &down(&be, &p_g, n), &p_c, 1e-6);
 
         let bufs_c: Vec<(&Vec<f32>, usize)> = vec![(&p_c, n), (&m_c, 0), (&v_c, 1000)];
-        let bufs_g: Vec<(&CudaSlice<f32>, usize)> = vec![(&p_g, n), (&m_g, 0), (&v_g, 1000)];
+        let bufs_g: Vec<(&crate::backend::cuda::CudaBuf, usize)> =
+            vec![(&p_g, n), (&m_g, 0), (&v_g, 1000)];
         let want = cpu.sum_squares(&bufs_c).unwrap();
         let got = be.sum_squares(&bufs_g).unwrap();
         assert!((got - want).abs() <= 1e-12 * want, "{got} vs {want}");

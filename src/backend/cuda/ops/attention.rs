@@ -34,9 +34,9 @@
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
-use super::need;
+use super::{need, staging};
 use crate::backend::cuda::gemm::Mat;
-use crate::backend::cuda::{drv, launch, CudaBackend, CudaIdx};
+use crate::backend::cuda::{drv, launch, CudaBackend, CudaBuf, CudaIdx};
 use crate::backend::{AttnDims, BackendError};
 
 /// Consecutive documents are run together into spans of at most this many rows.
@@ -190,7 +190,116 @@ fn expand_kv(
     Ok((kx, vx))
 }
 
-/// out `[T, H D]` and lse `[H, T]` overwritten.
+/// Attention forward on buffers of any precision: the flash kernels take f32 or bf16 tensors
+/// as they are; anything else (the GEMM path, mixed precisions) is staged through f32
+/// (`staging.rs`).
+pub fn forward_any(
+    be: &CudaBackend,
+    out: &mut CudaBuf,
+    lse: &mut CudaBuf,
+    qkv: &CudaBuf,
+    cu_seqlens: &CudaIdx,
+    dims: AttnDims,
+) -> Result<(), BackendError> {
+    const OP: &str = "attention_forward";
+    let flash = super::flash_attention::use_flash(&dims);
+    if flash && super::flash_attention::native(&[qkv, out], lse) {
+        return super::flash_attention::forward(be, out, lse, qkv, cu_seqlens, dims);
+    }
+    let (n_qkv, n_out, n_lse) = staged_sizes(OP, &dims)?;
+    need(OP, "out [T, H D]", out.len(), n_out)?;
+    need(OP, "lse [H, T]", lse.len(), n_lse)?;
+    need(OP, "qkv [T, QKV]", qkv.len(), n_qkv)?;
+    let q = staging::input(be, qkv, n_qkv)?;
+    let mut o = staging::output(be, out, n_out, false)?;
+    let mut l = staging::output(be, lse, n_lse, false)?;
+    {
+        let qb = q.as_ref().unwrap_or(qkv);
+        let ob = staging::buf_mut(&mut o, out);
+        let lb = staging::buf_mut(&mut l, lse);
+        if flash {
+            super::flash_attention::forward(be, ob, lb, qb, cu_seqlens, dims)?;
+        } else {
+            forward(
+                be,
+                ob.f32_mut(OP)?,
+                lb.f32_mut(OP)?,
+                qb.f32(OP)?,
+                cu_seqlens,
+                dims,
+            )?;
+        }
+    }
+    staging::finish(be, o, out, n_out)?;
+    staging::finish(be, l, lse, n_lse)
+}
+
+/// Attention backward on buffers of any precision (see [`forward_any`]).
+#[allow(clippy::too_many_arguments)]
+pub fn backward_any(
+    be: &CudaBackend,
+    dqkv: &mut CudaBuf,
+    dout: &CudaBuf,
+    qkv: &CudaBuf,
+    out: &CudaBuf,
+    lse: &CudaBuf,
+    cu_seqlens: &CudaIdx,
+    dims: AttnDims,
+) -> Result<(), BackendError> {
+    const OP: &str = "attention_backward";
+    let flash = super::flash_attention::use_flash(&dims);
+    if flash && super::flash_attention::native(&[dqkv, dout, qkv, out], lse) {
+        return super::flash_attention::backward(be, dqkv, dout, qkv, out, lse, cu_seqlens, dims);
+    }
+    let (n_qkv, n_out, n_lse) = staged_sizes(OP, &dims)?;
+    need(OP, "dqkv [T, QKV]", dqkv.len(), n_qkv)?;
+    need(OP, "dout [T, H D]", dout.len(), n_out)?;
+    need(OP, "qkv [T, QKV]", qkv.len(), n_qkv)?;
+    need(OP, "out [T, H D]", out.len(), n_out)?;
+    need(OP, "lse [H, T]", lse.len(), n_lse)?;
+    let (sdo, sq) = (
+        staging::input(be, dout, n_out)?,
+        staging::input(be, qkv, n_qkv)?,
+    );
+    let (so, sl) = (
+        staging::input(be, out, n_out)?,
+        staging::input(be, lse, n_lse)?,
+    );
+    let mut sdq = staging::output(be, dqkv, n_qkv, false)?;
+    {
+        let (dob, qb) = (sdo.as_ref().unwrap_or(dout), sq.as_ref().unwrap_or(qkv));
+        let (ob, lb) = (so.as_ref().unwrap_or(out), sl.as_ref().unwrap_or(lse));
+        let dqb = staging::buf_mut(&mut sdq, dqkv);
+        if flash {
+            super::flash_attention::backward(be, dqb, dob, qb, ob, lb, cu_seqlens, dims)?;
+        } else {
+            backward(
+                be,
+                dqb.f32_mut(OP)?,
+                dob.f32(OP)?,
+                qb.f32(OP)?,
+                ob.f32(OP)?,
+                lb.f32(OP)?,
+                cu_seqlens,
+                dims,
+            )?;
+        }
+    }
+    staging::finish(be, sdq, dqkv, n_qkv)
+}
+
+/// Elements of qkv `[T, QKV]`, out `[T, H D]` and lse `[H, T]`.
+fn staged_sizes(op: &'static str, dims: &AttnDims) -> Result<(usize, usize, usize), BackendError> {
+    let AttnDims { t, h, hkv, d, .. } = *dims;
+    let w = prod(op, &[h + 2 * hkv, d])?;
+    Ok((
+        prod(op, &[t, w])?,
+        prod(op, &[t, h, d])?,
+        prod(op, &[h, t])?,
+    ))
+}
+
+/// The GEMM path on f32 buffers: out `[T, H D]` and lse `[H, T]` overwritten.
 pub fn forward(
     be: &CudaBackend,
     out: &mut CudaSlice<f32>,
@@ -200,9 +309,6 @@ pub fn forward(
     dims: AttnDims,
 ) -> Result<(), BackendError> {
     const OP: &str = "attention_forward";
-    if super::flash_attention::use_flash(&dims) {
-        return super::flash_attention::forward(be, out, lse, qkv, cu_seqlens, dims);
-    }
     let spans = check(OP, &dims, cu_seqlens)?;
     let AttnDims { t, h, hkv, d, .. } = dims;
     let (w, hd, g) = (dims.qkv_width(), h * d, h / hkv);
@@ -263,7 +369,8 @@ pub fn forward(
     Ok(())
 }
 
-/// dqkv `[T, QKV]` overwritten; dk, dv summed over the G query heads of each kv head.
+/// The GEMM path on f32 buffers: dqkv `[T, QKV]` overwritten; dk, dv summed over the G query
+/// heads of each kv head.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     be: &CudaBackend,
@@ -276,9 +383,6 @@ pub fn backward(
     dims: AttnDims,
 ) -> Result<(), BackendError> {
     const OP: &str = "attention_backward";
-    if super::flash_attention::use_flash(&dims) {
-        return super::flash_attention::backward(be, dqkv, dout, qkv, out, lse, cu_seqlens, dims);
-    }
     let spans = check(OP, &dims, cu_seqlens)?;
     let AttnDims { t, h, hkv, d, .. } = dims;
     let (w, hd, g) = (dims.qkv_width(), h * d, h / hkv);
@@ -515,7 +619,7 @@ mod tests {
             be.attention_backward(&mut dqkv_g, &dout_g, &qkv_g, &out_g, &lse_g, &cu_g, dims)
                 .unwrap();
             let case = format!("lens {lens:?} H {h} Hkv {hkv} D {d}");
-            let cmp = |what: &str, g: &CudaSlice<f32>, want: &[f32]| {
+            let cmp = |what: &str, g: &CudaBuf, want: &[f32]| {
                 let got = be.download(g, want.len()).unwrap();
                 let scale = want.iter().fold(1f32, |m, x| m.max(x.abs()));
                 let (i, err) = got

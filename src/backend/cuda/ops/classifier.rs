@@ -6,18 +6,22 @@
 //!
 //! Per chunk of `bt` rows r0..r0+bt (row-major operands for `CudaBackend::gemm`):
 //!   logits [bt, V] = x[r0..] [bt, C] w^T            gemm(N, T), beta 0
-//!   `classifier_xent` (one block per row): losses, and with grads dlogits in place
+//!   `classifier_xent` (one block per row): losses, and with grads dlogits
 //!   dx[r0..] [bt, C] = dlogits [bt, V] w [V, C]      gemm(N, N), beta 0
 //!   dw [V, C] += dlogits^T x[r0..]                   gemm(T, N), beta 1 (chunks ascending)
-//! Scratch: one `[chunk, V]` f32 buffer, chunk = `CHUNK_ELEMS / V` rows (4194 at V = 32000),
-//! allocated per call on the stream.
+//! The GEMM operands share one precision (bf16 when x or w is; see `matmul::operand`). The
+//! logits are f32 whatever it is, so the loss is exact up to the operands' rounding; dlogits
+//! are written in the operand precision (in place over the logits when that is f32).
+//! Scratch: one `[chunk, V]` f32 buffer (plus a bf16 one for dlogits), chunk =
+//! `CHUNK_ELEMS / V` rows (4194 at V = 32000), allocated per call on the stream.
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 
+use super::matmul::operand;
 use super::need;
 use crate::backend::cuda::gemm::Mat;
-use crate::backend::cuda::{drv, launch, CudaBackend, CudaIdx};
-use crate::backend::BackendError;
+use crate::backend::cuda::{drv, launch, CudaBackend, CudaBuf, CudaIdx, DType};
+use crate::backend::{Backend, BackendError};
 
 /// Most f32 elements of the logits scratch (512 MiB), at least one row.
 const CHUNK_ELEMS: usize = 1 << 27;
@@ -61,10 +65,10 @@ fn chunk_rows(t: usize, v: usize, cap: usize) -> usize {
 #[allow(clippy::too_many_arguments)]
 pub fn forward_backward(
     be: &CudaBackend,
-    losses: &mut CudaSlice<f32>,
-    grads: Option<(&mut CudaSlice<f32>, &mut CudaSlice<f32>)>,
-    x: &CudaSlice<f32>,
-    w: &CudaSlice<f32>,
+    losses: &mut CudaBuf,
+    grads: Option<(&mut CudaBuf, &mut CudaBuf)>,
+    x: &CudaBuf,
+    w: &CudaBuf,
     targets: &CudaIdx,
     loss_scale: f32,
     t: usize,
@@ -95,38 +99,57 @@ pub fn forward_backward(
     }
     if v == 0 {
         // Every target is ignored (checked above): zero losses and dx; dw gets nothing.
-        be.stream
-            .memset_zeros(&mut losses.slice_mut(..t))
-            .map_err(drv(OP))?;
+        be.zero(losses, t)?;
         if let Some((dx, _)) = grads {
-            if c > 0 {
-                be.stream
-                    .memset_zeros(&mut dx.slice_mut(..t * c))
-                    .map_err(drv(OP))?;
-            }
+            be.zero(dx, t * c)?;
         }
         return Ok(());
     }
+    let dx_bf16 = grads.as_ref().map(|(dx, _)| dx.dtype()) == Some(DType::Bf16);
+    let dt = if x.dtype() == DType::Bf16 || w.dtype() == DType::Bf16 || dx_bf16 {
+        DType::Bf16
+    } else {
+        DType::F32
+    };
+    let (xs, ws) = (operand(be, x, t * c, dt)?, operand(be, w, v * c, dt)?);
+    let (x, w) = (xs.as_ref().unwrap_or(x), ws.as_ref().unwrap_or(w));
     let chunk = chunk_rows(t, v, chunk_cap());
-    // SAFETY: every row of the chunk used is written (GEMM with beta 0 or memset) before it
-    // is read.
-    let mut logits = unsafe { be.stream.alloc::<f32>(chunk * v) }.map_err(drv(OP))?;
-    let (pl, px, pw) = (be.ptr(&logits), be.ptr(x), be.ptr(w));
-    let gp = grads
+    let mut logits = be.alloc_dtype(chunk * v, DType::F32)?;
+    // dlogits: a separate operand-precision buffer, or the logits themselves (f32, in place).
+    let dlogits = match (&grads, dt) {
+        (Some(_), DType::Bf16) => Some(be.alloc_dtype(chunk * v, DType::Bf16)?),
+        _ => None,
+    };
+    let lg = Mat::of(be, &logits, v);
+    let dlg = dlogits.as_ref().map_or(lg, |d| Mat::of(be, d, v));
+    let (tdl, tlosses) = (be.ten(dlogits.as_ref().unwrap_or(&logits)), be.ten(losses));
+    let pl = be.raw(&logits);
+    let gm = grads
         .as_ref()
-        .map(|(dx, dw)| (be.ptr(&**dx), be.ptr(&**dw)));
-    let with_grads = i32::from(gp.is_some());
+        .map(|(dx, dw)| (Mat::of(be, dx, c), Mat::of(be, dw, c)));
+    let with_grads = i32::from(gm.is_some());
     for r0 in (0..t).step_by(chunk) {
         let bt = chunk.min(t - r0);
-        let xc = Mat::new(px, c).offset(r0 * c);
-        let lg = Mat::new(pl, v);
+        let xc = Mat::of(be, x, c).offset(r0 * c);
         if c == 0 {
             be.stream
-                .memset_zeros(&mut logits.slice_mut(..bt * v))
+                .memset_zeros(&mut logits.f32_mut(OP)?.slice_mut(..bt * v))
                 .map_err(drv(OP))?;
         } else {
             // logits [bt, V] = x_chunk [bt, C] w^T   (w [V, C])
-            be.gemm(false, true, bt, v, c, 1.0, xc, Mat::new(pw, c), 0.0, lg, 1)?;
+            be.gemm(
+                false,
+                true,
+                bt,
+                v,
+                c,
+                1.0,
+                xc,
+                Mat::of(be, w, c),
+                0.0,
+                lg,
+                1,
+            )?;
         }
         let r032 = r0 as i32;
         let cfg = LaunchConfig {
@@ -135,17 +158,18 @@ pub fn forward_backward(
             shared_mem_bytes: 0,
         };
         launch(be, "classifier_xent", cfg, |a| {
-            a.arg(&mut logits)
-                .arg(&mut *losses)
+            a.arg(&pl)
+                .arg(&tdl)
+                .arg(&tlosses)
                 .arg(&targets.dev)
                 .arg(&r032)
                 .arg(&v32)
                 .arg(&loss_scale)
                 .arg(&with_grads);
         })?;
-        if let Some((pdx, pdw)) = gp {
+        if let Some((dxm, dwm)) = gm {
             // dx_chunk [bt, C] = dlogits [bt, V] w [V, C]
-            let dxc = Mat::new(pdx, c).offset(r0 * c);
+            let dxc = dxm.offset(r0 * c);
             be.gemm(
                 false,
                 false,
@@ -153,14 +177,14 @@ pub fn forward_backward(
                 c,
                 v,
                 1.0,
-                lg,
-                Mat::new(pw, c),
+                dlg,
+                Mat::of(be, w, c),
                 0.0,
                 dxc,
                 1,
             )?;
             // dw [V, C] += dlogits^T [V, bt] x_chunk [bt, C]
-            be.gemm(true, false, v, c, bt, 1.0, lg, xc, 1.0, Mat::new(pdw, c), 1)?;
+            be.gemm(true, false, v, c, bt, 1.0, dlg, xc, 1.0, dwm, 1)?;
         }
     }
     Ok(())
@@ -251,7 +275,7 @@ mod tests {
             v,
         )
         .unwrap();
-        let cmp = |what: &str, g: &CudaSlice<f32>, want: &[f32]| {
+        let cmp = |what: &str, g: &CudaBuf, want: &[f32]| {
             let got = be.download(g, want.len()).unwrap();
             let sc = want.iter().fold(1f32, |m, x| m.max(x.abs()));
             let (i, err) = got

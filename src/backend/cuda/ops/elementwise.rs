@@ -2,10 +2,10 @@
 //! plus the launch helpers the other element-wise launchers share (embedding, RMSNorm, RoPE,
 //! SwiGLU, AdamW).
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::need;
-use crate::backend::cuda::{launch, CudaBackend};
+use crate::backend::cuda::{launch, CudaBackend, CudaBuf};
 use crate::backend::BackendError;
 
 /// Threads per block of the grid-stride kernels.
@@ -67,8 +67,8 @@ pub(crate) fn grid_stride(n: usize) -> LaunchConfig {
 /// `acc[..n] += x[..n]` (the residual stream).
 pub fn add_inplace(
     be: &CudaBackend,
-    acc: &mut CudaSlice<f32>,
-    x: &CudaSlice<f32>,
+    acc: &mut CudaBuf,
+    x: &CudaBuf,
     n: usize,
 ) -> Result<(), BackendError> {
     need("add_inplace", "acc [n]", acc.len(), n)?;
@@ -77,27 +77,44 @@ pub fn add_inplace(
         return Ok(());
     }
     let n64 = n as i64;
+    let (ta, tx) = (be.ten(acc), be.ten(x));
     // Checked: acc and x hold n; the kernel touches i < n.
     launch(be, "add_inplace", grid_stride(n), |a| {
-        a.arg(acc).arg(x).arg(&n64);
+        a.arg(&ta).arg(&tx).arg(&n64);
+    })
+}
+
+/// `dst[..n] = src[..n]` between precisions (f32 to bf16 rounds to nearest even).
+pub fn convert(
+    be: &CudaBackend,
+    dst: &mut CudaBuf,
+    src: &CudaBuf,
+    n: usize,
+) -> Result<(), BackendError> {
+    need("convert", "dst [n]", dst.len(), n)?;
+    need("convert", "src [n]", src.len(), n)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let n64 = n as i64;
+    let (td, ts) = (be.ten(dst), be.ten(src));
+    // Checked: dst and src hold n; the kernel touches i < n.
+    launch(be, "convert", grid_stride(n), |a| {
+        a.arg(&td).arg(&ts).arg(&n64);
     })
 }
 
 /// `buf[..n] *= s`.
-pub fn scale(
-    be: &CudaBackend,
-    buf: &mut CudaSlice<f32>,
-    n: usize,
-    s: f32,
-) -> Result<(), BackendError> {
+pub fn scale(be: &CudaBackend, buf: &mut CudaBuf, n: usize, s: f32) -> Result<(), BackendError> {
     need("scale", "buf [n]", buf.len(), n)?;
     if n == 0 {
         return Ok(());
     }
     let n64 = n as i64;
+    let tb = be.ten(buf);
     // Checked: buf holds n; the kernel touches i < n.
     launch(be, "scale_inplace", grid_stride(n), |a| {
-        a.arg(buf).arg(&n64).arg(&s);
+        a.arg(&tb).arg(&n64).arg(&s);
     })
 }
 
@@ -165,12 +182,11 @@ mod tests {
 /// `cargo test --lib cuda_ -- --ignored`).
 #[cfg(test)]
 pub(crate) mod gpu_test {
-    use cudarc::driver::CudaSlice;
     use rand::{Rng, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
     use crate::backend::cpu::CpuBackend;
-    use crate::backend::cuda::{CudaBackend, CudaIdx};
+    use crate::backend::cuda::{CudaBackend, CudaBuf, CudaIdx};
     use crate::backend::Backend;
 
     pub fn setup(seed: u64) -> (CudaBackend, CpuBackend, ChaCha8Rng) {
@@ -184,7 +200,7 @@ pub(crate) mod gpu_test {
     }
 
     /// A device copy of `x` with one spare element (ops must touch only the leading ones).
-    pub fn up(be: &CudaBackend, x: &[f32]) -> CudaSlice<f32> {
+    pub fn up(be: &CudaBackend, x: &[f32]) -> CudaBuf {
         let mut b = be.alloc(x.len() + 1).unwrap();
         be.upload(&mut b, x).unwrap();
         b
@@ -196,7 +212,7 @@ pub(crate) mod gpu_test {
         b
     }
 
-    pub fn down(be: &CudaBackend, b: &CudaSlice<f32>, n: usize) -> Vec<f32> {
+    pub fn down(be: &CudaBackend, b: &CudaBuf, n: usize) -> Vec<f32> {
         be.download(b, n).unwrap()
     }
 

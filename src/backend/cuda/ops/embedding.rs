@@ -2,11 +2,11 @@
 //! (kernels in `embedding.cu`; the backward uses atomicAdd, so a repeated token's rows add in
 //! a run-dependent order).
 
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::PushKernelArg;
 
 use super::elementwise::{dim_i32, prod, rows_cols};
 use super::need;
-use crate::backend::cuda::{launch, CudaBackend, CudaIdx};
+use crate::backend::cuda::{launch, CudaBackend, CudaBuf, CudaIdx};
 use crate::backend::BackendError;
 
 /// tokens `[T]` on the device, every uploaded one in 0..V with V = `wte_len / C` rows
@@ -51,9 +51,9 @@ fn check_tokens(
 /// out `[T, C]` overwritten with the rows of wte `[V, C]` named by tokens `[T]`.
 pub fn forward(
     be: &CudaBackend,
-    out: &mut CudaSlice<f32>,
+    out: &mut CudaBuf,
     tokens: &CudaIdx,
-    wte: &CudaSlice<f32>,
+    wte: &CudaBuf,
     t: usize,
     c: usize,
 ) -> Result<(), BackendError> {
@@ -65,10 +65,11 @@ pub fn forward(
     }
     let (t32, c32) = (dim_i32(OP, "T", t)?, dim_i32(OP, "C", c)?);
     // Checked: out holds T C, tokens T (each in 0..V), wte V C rows by construction of V.
+    let (to, tw) = (be.ten(out), be.ten(wte));
     launch(be, "embedding_forward", rows_cols(OP, t, c)?, |a| {
-        a.arg(out)
+        a.arg(&to)
             .arg(&tokens.dev)
-            .arg(wte)
+            .arg(&tw)
             .arg(&t32)
             .arg(&c32)
             .arg(&v);
@@ -79,8 +80,8 @@ pub fn forward(
 /// reproducible where a token repeats).
 pub fn backward(
     be: &CudaBackend,
-    dwte: &mut CudaSlice<f32>,
-    dout: &CudaSlice<f32>,
+    dwte: &mut CudaBuf,
+    dout: &CudaBuf,
     tokens: &CudaIdx,
     t: usize,
     c: usize,
@@ -93,9 +94,11 @@ pub fn backward(
     }
     let (t32, c32) = (dim_i32(OP, "T", t)?, dim_i32(OP, "C", c)?);
     // Checked: dout holds T C, tokens T (each in 0..V), dwte V C rows by construction of V.
+    let dwte = dwte.f32_mut(OP)?;
+    let td = be.ten(dout);
     launch(be, "embedding_backward", rows_cols(OP, t, c)?, |a| {
         a.arg(dwte)
-            .arg(dout)
+            .arg(&td)
             .arg(&tokens.dev)
             .arg(&t32)
             .arg(&c32)

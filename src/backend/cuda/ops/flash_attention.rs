@@ -1,6 +1,8 @@
 //! Varlen causal flash attention (FlashAttention-2 style) for head dims 64 and 128:
 //! `kernels/flash_attention.cu`, bf16 tensor-core MMAs (`mma.sync m16n8k16`) with f32
-//! accumulation over f32 buffers, never materialising the scores.
+//! accumulation, never materialising the scores. qkv, out, dout and dqkv are all f32 or all
+//! bf16 (the kernels' two entry points); lse is f32 ([`native`] says whether a set of buffers
+//! fits, else `attention.rs` stages them).
 //!
 //! Scheduling: the host walks `cu_seqlens` (its mirror, no device sync) and lists the real
 //! (document, 64-row tile) pairs, longest work first, as int4 items `{start, len, tile, 0}`;
@@ -9,7 +11,7 @@
 //! query head); backward items are key tiles (work: the query tiles from the diagonal to the
 //! document's end, times the G query heads of the block's kv head).
 //!
-//! Which path `attention::forward`/`backward` take: `PACKTRAIN_ATTENTION=flash` or `gemm`
+//! Which path `attention::forward_any`/`backward_any` take: `PACKTRAIN_ATTENTION=flash` or `gemm`
 //! forces one (flash only for D in {64, 128}: every other head dim takes the GEMM path); unset,
 //! `FLASH_BY_DEFAULT` decides.
 
@@ -19,7 +21,7 @@ use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::need;
-use crate::backend::cuda::{drv, launch, CudaBackend, CudaIdx};
+use crate::backend::cuda::{drv, launch, CudaBackend, CudaBuf, CudaIdx, DType};
 use crate::backend::{AttnDims, BackendError};
 
 /// Rows of a tile (query tile forward, key tile backward); must match FA_TILE.
@@ -86,7 +88,7 @@ pub fn supports(dims: &AttnDims) -> bool {
 /// attention` passed on an H100 (2026-11-26, BENCHMARKS.md "Varlen flash attention").
 const FLASH_BY_DEFAULT: bool = true;
 
-/// Whether `attention::forward`/`backward` should take the flash path for these dims.
+/// Whether `attention::forward_any`/`backward_any` should take the flash path for these dims.
 pub fn use_flash(dims: &AttnDims) -> bool {
     supports(dims)
         && match mode() {
@@ -94,6 +96,26 @@ pub fn use_flash(dims: &AttnDims) -> bool {
             Mode::Gemm => false,
             Mode::Auto => FLASH_BY_DEFAULT,
         }
+}
+
+/// Whether the flash kernels take these buffers as they are: the tensors (qkv, out, and in the
+/// backward dout, dqkv) share one element type and lse is f32.
+pub fn native(tensors: &[&CudaBuf], lse: &CudaBuf) -> bool {
+    lse.dtype() == DType::F32 && tensors.windows(2).all(|w| w[0].dtype() == w[1].dtype())
+}
+
+/// The kernel for head dim `d` (64 or 128) and element type `e`.
+fn entry(forward: bool, d: usize, e: DType) -> &'static str {
+    match (forward, d == 64, e) {
+        (true, true, DType::F32) => "flash_fwd_d64",
+        (true, false, DType::F32) => "flash_fwd_d128",
+        (true, true, DType::Bf16) => "flash_fwd_d64_bf16",
+        (true, false, DType::Bf16) => "flash_fwd_d128_bf16",
+        (false, true, DType::F32) => "flash_bwd_d64",
+        (false, false, DType::F32) => "flash_bwd_d128",
+        (false, true, DType::Bf16) => "flash_bwd_d64_bf16",
+        (false, false, DType::Bf16) => "flash_bwd_d128_bf16",
+    }
 }
 
 /// Work items `[start, len, tile, 0]` flattened, longest work first. `work(len, tile)` is a
@@ -186,17 +208,28 @@ fn blocks(n_items: usize, heads: usize, op: &'static str) -> Result<u32, Backend
         })
 }
 
+fn need_native(op: &'static str, tensors: &[&CudaBuf], lse: &CudaBuf) -> Result<(), BackendError> {
+    if native(tensors, lse) {
+        return Ok(());
+    }
+    Err(shape(
+        op,
+        "the flash kernels need qkv, out, dout, dqkv of one element type and an f32 lse".into(),
+    ))
+}
+
 /// out `[T, H D]` and lse `[H, T]` overwritten.
 pub fn forward(
     be: &CudaBackend,
-    out: &mut CudaSlice<f32>,
-    lse: &mut CudaSlice<f32>,
-    qkv: &CudaSlice<f32>,
+    out: &mut CudaBuf,
+    lse: &mut CudaBuf,
+    qkv: &CudaBuf,
     cu_seqlens: &CudaIdx,
     dims: AttnDims,
 ) -> Result<(), BackendError> {
     const OP: &str = "attention_forward (flash)";
     check(OP, &dims, cu_seqlens)?;
+    need_native(OP, &[qkv, out], lse)?;
     let AttnDims { t, h, hkv, d, .. } = dims;
     need(OP, "out [T, H D]", out.len(), t * h * d)?;
     need(OP, "lse [H, T]", lse.len(), h * t)?;
@@ -207,11 +240,7 @@ pub fn forward(
     }
     let n_items = list.len() / 4;
     let items_g = upload_items(be, &list, OP)?;
-    let name = if d == 64 {
-        "flash_fwd_d64"
-    } else {
-        "flash_fwd_d128"
-    };
+    let name = entry(true, d, qkv.dtype());
     let smem = shared_bytes_fwd(d);
     set_smem(be, name, smem, OP)?;
     let cfg = LaunchConfig {
@@ -221,10 +250,11 @@ pub fn forward(
     };
     let scale_log2 = std::f32::consts::LOG2_E / (d as f32).sqrt();
     let (t32, h32, hkv32) = (t as i32, h as i32, hkv as i32);
+    let (po, pl, pq) = (be.raw(out), be.raw(lse), be.raw(qkv));
     launch(be, name, cfg, |a| {
-        a.arg(&mut *out)
-            .arg(&mut *lse)
-            .arg(qkv)
+        a.arg(&po)
+            .arg(&pl)
+            .arg(&pq)
             .arg(&items_g)
             .arg(&t32)
             .arg(&h32)
@@ -237,16 +267,17 @@ pub fn forward(
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     be: &CudaBackend,
-    dqkv: &mut CudaSlice<f32>,
-    dout: &CudaSlice<f32>,
-    qkv: &CudaSlice<f32>,
-    out: &CudaSlice<f32>,
-    lse: &CudaSlice<f32>,
+    dqkv: &mut CudaBuf,
+    dout: &CudaBuf,
+    qkv: &CudaBuf,
+    out: &CudaBuf,
+    lse: &CudaBuf,
     cu_seqlens: &CudaIdx,
     dims: AttnDims,
 ) -> Result<(), BackendError> {
     const OP: &str = "attention_backward (flash)";
     check(OP, &dims, cu_seqlens)?;
+    need_native(OP, &[dqkv, dout, qkv, out], lse)?;
     let AttnDims { t, h, hkv, d, .. } = dims;
     let w = dims.qkv_width();
     need(OP, "dqkv [T, QKV]", dqkv.len(), t * w)?;
@@ -261,7 +292,26 @@ pub fn backward(
     let n_items = list.len() / 4;
     let items_g = upload_items(be, &list, OP)?;
     let (t32, h32, hkv32, d32) = (t as i32, h as i32, hkv as i32, d as i32);
-    // dsum [H, T] = rowsum(dO * O); dqkv's q columns zeroed (dQ is accumulated with atomics).
+    let e = qkv.dtype();
+    // dQ accumulates in f32 with atomics: into dqkv's q columns (row stride W) when it is
+    // f32, else into an f32 [T, H D] scratch rounded into dqkv by flash_bwd_post_bf16.
+    let dq_scratch = match e {
+        DType::F32 => None,
+        // SAFETY: flash_bwd_pre zeroes every element before the main kernel adds into it.
+        DType::Bf16 => Some(unsafe { be.stream.alloc::<f32>(t * h * d) }.map_err(drv(OP))?),
+    };
+    let (pdqacc, ldq) = match &dq_scratch {
+        Some(s) => (be.ptr(s), (h * d) as i64),
+        None => (be.raw(dqkv), w as i64),
+    };
+    let (pdqkv, pdo, pq, po, pl) = (
+        be.raw(dqkv),
+        be.raw(dout),
+        be.raw(qkv),
+        be.raw(out),
+        be.raw(lse),
+    );
+    // dsum [H, T] = rowsum(dO * O); dqacc zeroed.
     // SAFETY: flash_bwd_pre writes every element of dsum before the main kernel reads it.
     let mut dsum = unsafe { be.stream.alloc::<f32>(h * t) }.map_err(drv(OP))?;
     let warps = t * h;
@@ -274,21 +324,21 @@ pub fn backward(
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
-    launch(be, "flash_bwd_pre", pre, |a| {
-        a.arg(&mut *dqkv)
+    let pre_name = match e {
+        DType::F32 => "flash_bwd_pre_f32",
+        DType::Bf16 => "flash_bwd_pre_bf16",
+    };
+    launch(be, pre_name, pre, |a| {
+        a.arg(&pdqacc)
+            .arg(&ldq)
             .arg(&mut dsum)
-            .arg(dout)
-            .arg(out)
+            .arg(&pdo)
+            .arg(&po)
             .arg(&t32)
             .arg(&h32)
-            .arg(&hkv32)
             .arg(&d32);
     })?;
-    let name = if d == 64 {
-        "flash_bwd_d64"
-    } else {
-        "flash_bwd_d128"
-    };
+    let name = entry(false, d, e);
     let smem = shared_bytes_bwd(d);
     set_smem(be, name, smem, OP)?;
     let cfg = LaunchConfig {
@@ -299,10 +349,12 @@ pub fn backward(
     let scale = 1.0 / (d as f32).sqrt();
     let scale_log2 = std::f32::consts::LOG2_E * scale;
     launch(be, name, cfg, |a| {
-        a.arg(&mut *dqkv)
-            .arg(dout)
-            .arg(qkv)
-            .arg(lse)
+        a.arg(&pdqkv)
+            .arg(&pdqacc)
+            .arg(&ldq)
+            .arg(&pdo)
+            .arg(&pq)
+            .arg(&pl)
             .arg(&dsum)
             .arg(&items_g)
             .arg(&t32)
@@ -310,7 +362,26 @@ pub fn backward(
             .arg(&hkv32)
             .arg(&scale)
             .arg(&scale_log2);
-    })
+    })?;
+    if dq_scratch.is_some() {
+        let n = t * h * d;
+        launch(
+            be,
+            "flash_bwd_post_bf16",
+            crate::backend::cuda::grid_1d(n, 256),
+            |a| {
+                a.arg(&pdqkv)
+                    .arg(&pdqacc)
+                    .arg(&t32)
+                    .arg(&h32)
+                    .arg(&hkv32)
+                    .arg(&d32);
+            },
+        )?;
+    }
+    // dq_scratch is freed stream-ordered after the kernels that use it.
+    drop(dq_scratch);
+    Ok(())
 }
 
 #[cfg(test)]

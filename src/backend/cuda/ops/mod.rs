@@ -10,6 +10,7 @@ pub mod flash_attention;
 pub mod matmul;
 pub mod rmsnorm;
 pub mod rope;
+pub(crate) mod staging;
 pub mod swiglu;
 
 use crate::backend::BackendError;

@@ -2,11 +2,11 @@
 //! deterministically: per-block partials over blocks of `ROWS` rows into a scratch buffer,
 //! then added in block order (the CPU reference's order).
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::elementwise::{dim_i32, prod};
 use super::need;
-use crate::backend::cuda::{drv, grid_1d, launch, CudaBackend};
+use crate::backend::cuda::{drv, grid_1d, launch, CudaBackend, CudaBuf};
 use crate::backend::BackendError;
 
 /// Rows per dweight partial; must equal `RMSNORM_ROWS` in `rmsnorm.cu`.
@@ -29,10 +29,10 @@ fn warp_per_row(t: usize) -> LaunchConfig {
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
     be: &CudaBackend,
-    out: &mut CudaSlice<f32>,
-    rstd: &mut CudaSlice<f32>,
-    x: &CudaSlice<f32>,
-    weight: &CudaSlice<f32>,
+    out: &mut CudaBuf,
+    rstd: &mut CudaBuf,
+    x: &CudaBuf,
+    weight: &CudaBuf,
     t: usize,
     c: usize,
     eps: f32,
@@ -48,11 +48,12 @@ pub fn forward(
     }
     let (t32, c32) = (dim_i32(OP, "T", t)?, dim_i32(OP, "C", c)?);
     // Checked: out and x hold T C, rstd T, weight C.
+    let (to, tr, tx, tw) = (be.ten(out), be.ten(rstd), be.ten(x), be.ten(weight));
     launch(be, "rmsnorm_forward", warp_per_row(t), |a| {
-        a.arg(out)
-            .arg(rstd)
-            .arg(x)
-            .arg(weight)
+        a.arg(&to)
+            .arg(&tr)
+            .arg(&tx)
+            .arg(&tw)
             .arg(&t32)
             .arg(&c32)
             .arg(&eps);
@@ -63,12 +64,12 @@ pub fn forward(
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     be: &CudaBackend,
-    dx: &mut CudaSlice<f32>,
-    dweight: &mut CudaSlice<f32>,
-    dout: &CudaSlice<f32>,
-    x: &CudaSlice<f32>,
-    weight: &CudaSlice<f32>,
-    rstd: &CudaSlice<f32>,
+    dx: &mut CudaBuf,
+    dweight: &mut CudaBuf,
+    dout: &CudaBuf,
+    x: &CudaBuf,
+    weight: &CudaBuf,
+    rstd: &CudaBuf,
     t: usize,
     c: usize,
 ) -> Result<(), BackendError> {
@@ -85,12 +86,14 @@ pub fn backward(
     }
     let (t32, c32) = (dim_i32(OP, "T", t)?, dim_i32(OP, "C", c)?);
     // Checked: dx, dout, x hold T C, weight C, rstd T.
+    let (tdx, tdo, tx) = (be.ten(dx), be.ten(dout), be.ten(x));
+    let (tw, tr, tdw) = (be.ten(weight), be.ten(rstd), be.ten(dweight));
     launch(be, "rmsnorm_backward_dx", warp_per_row(t), |a| {
-        a.arg(dx)
-            .arg(dout)
-            .arg(x)
-            .arg(weight)
-            .arg(rstd)
+        a.arg(&tdx)
+            .arg(&tdo)
+            .arg(&tx)
+            .arg(&tw)
+            .arg(&tr)
             .arg(&t32)
             .arg(&c32);
     })?;
@@ -112,9 +115,9 @@ pub fn backward(
     // Checked: partial holds ceil(T / ROWS) C (allocated above), dout and x T C, rstd T.
     launch(be, "rmsnorm_backward_dweight_partial", cfg, |a| {
         a.arg(&mut partial)
-            .arg(dout)
-            .arg(x)
-            .arg(rstd)
+            .arg(&tdo)
+            .arg(&tx)
+            .arg(&tr)
             .arg(&t32)
             .arg(&c32);
     })?;
@@ -124,7 +127,7 @@ pub fn backward(
         "rmsnorm_backward_dweight_reduce",
         grid_1d(c, COL_THREADS),
         |a| {
-            a.arg(dweight).arg(&partial).arg(&blocks32).arg(&c32);
+            a.arg(&tdw).arg(&partial).arg(&blocks32).arg(&c32);
         },
     )
     // `partial` is freed stream-ordered (cuMemFreeAsync) after the reduce.

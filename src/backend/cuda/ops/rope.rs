@@ -1,20 +1,20 @@
 //! RoPE, in place on the q and k heads of the fused qkv buffer (kernels and math in
 //! `rope.cu`); the backward is the inverse rotation.
 
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::PushKernelArg;
 
 use super::elementwise::{dim_i32, prod, rows_cols};
 use super::need;
-use crate::backend::cuda::{launch, CudaBackend, CudaIdx};
+use crate::backend::cuda::{launch, CudaBackend, CudaBuf, CudaIdx};
 use crate::backend::{AttnDims, BackendError};
 
 /// Rotates q and k of qkv `[T, QKV]` in place by `positions[t] inv_freq[j]` (forward) or by
 /// its negative (`inverse`: the backward, applied to dqkv).
 pub fn apply(
     be: &CudaBackend,
-    qkv: &mut CudaSlice<f32>,
+    qkv: &mut CudaBuf,
     positions: &CudaIdx,
-    inv_freq: &CudaSlice<f32>,
+    inv_freq: &CudaBuf,
     dims: AttnDims,
     inverse: bool,
 ) -> Result<(), BackendError> {
@@ -48,10 +48,11 @@ pub fn apply(
     let d32 = dim_i32(op, "D", d)?;
     // Checked: qkv holds T QKV with QKV = (H + 2 Hkv) D >= (H + Hkv) D, positions T,
     // inv_freq D/2; the kernel touches the first (H + Hkv) D columns of each of T rows.
+    let (tq, ti) = (be.ten(qkv), be.ten(inv_freq));
     launch(be, op, rows_cols(op, t, d / 2)?, |a| {
-        a.arg(qkv)
+        a.arg(&tq)
             .arg(&positions.dev)
-            .arg(inv_freq)
+            .arg(&ti)
             .arg(&t32)
             .arg(&nh32)
             .arg(&w32)

@@ -1,17 +1,17 @@
 //! SwiGLU forward and backward (kernels and math in `swiglu.cu`).
 
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::PushKernelArg;
 
 use super::elementwise::{dim_i32, prod, rows_cols};
 use super::need;
-use crate::backend::cuda::{launch, CudaBackend};
+use crate::backend::cuda::{launch, CudaBackend, CudaBuf};
 use crate::backend::BackendError;
 
 /// out `[T, F]` = silu(gate) up, gate_up `[T, 2F]`; overwritten.
 pub fn forward(
     be: &CudaBackend,
-    out: &mut CudaSlice<f32>,
-    gate_up: &CudaSlice<f32>,
+    out: &mut CudaBuf,
+    gate_up: &CudaBuf,
     t: usize,
     f: usize,
 ) -> Result<(), BackendError> {
@@ -24,17 +24,18 @@ pub fn forward(
     dim_i32(OP, "2F", 2 * f)?;
     let (t32, f_i32) = (dim_i32(OP, "T", t)?, dim_i32(OP, "F", f)?);
     // Checked: out holds T F, gate_up T 2F (and 2F fits an i32).
+    let (to, tg) = (be.ten(out), be.ten(gate_up));
     launch(be, "swiglu_forward", rows_cols(OP, t, f)?, |a| {
-        a.arg(out).arg(gate_up).arg(&t32).arg(&f_i32);
+        a.arg(&to).arg(&tg).arg(&t32).arg(&f_i32);
     })
 }
 
 /// dgate_up `[T, 2F]` overwritten from dout `[T, F]` and gate_up `[T, 2F]`.
 pub fn backward(
     be: &CudaBackend,
-    dgate_up: &mut CudaSlice<f32>,
-    dout: &CudaSlice<f32>,
-    gate_up: &CudaSlice<f32>,
+    dgate_up: &mut CudaBuf,
+    dout: &CudaBuf,
+    gate_up: &CudaBuf,
     t: usize,
     f: usize,
 ) -> Result<(), BackendError> {
@@ -49,8 +50,9 @@ pub fn backward(
     dim_i32(OP, "2F", 2 * f)?;
     let (t32, f_i32) = (dim_i32(OP, "T", t)?, dim_i32(OP, "F", f)?);
     // Checked: dgate_up and gate_up hold T 2F, dout T F (and 2F fits an i32).
+    let (tdg, tdo, tg) = (be.ten(dgate_up), be.ten(dout), be.ten(gate_up));
     launch(be, "swiglu_backward", rows_cols(OP, t, f)?, |a| {
-        a.arg(dgate_up).arg(dout).arg(gate_up).arg(&t32).arg(&f_i32);
+        a.arg(&tdg).arg(&tdo).arg(&tg).arg(&t32).arg(&f_i32);
     })
 }
 

@@ -149,3 +149,46 @@ fn a_run_writes_its_outputs_and_learns() {
         s.final_loss
     );
 }
+
+/// The data-parallel overlap hook: each time `forward_backward_hooked` says the gradients of
+/// tensors `from..` are final, they already equal the micro-step's final gradients (so an
+/// all-reduce started there sums the right values), `from` only decreases, and the model's
+/// tied and untied layouts both end with every tensor reported or left to the final sync.
+#[test]
+fn grads_ready_reports_only_final_gradients() {
+    use packtrain::backend::{Backend, BackendError};
+    use packtrain::data::TokenStore;
+    for tied in [false, true] {
+        let mut cfg = small_model();
+        cfg.tie_embeddings = tied;
+        let docs = random_docs(&[37, 1, 90, 12], cfg.vocab_size, 5);
+        let store = TokenStore::from_documents(&docs);
+        let (be, mut model) = cpu_model(&cfg, 3, 256);
+        let (_, batch) = device_batch(&be, &store, &[0, 1, 2, 3], 256);
+        model.zero_grads(&be).unwrap();
+        let mut seen: Vec<(usize, Vec<Vec<f32>>)> = Vec::new();
+        let mut hook = |grads: &mut [Vec<f32>], from: usize| -> Result<(), BackendError> {
+            let snap = grads[from..]
+                .iter()
+                .map(|g| be.download(g, g.len()))
+                .collect::<Result<_, _>>()?;
+            seen.push((from, snap));
+            Ok(())
+        };
+        model
+            .forward_backward_hooked(&be, &batch, 0.01, &mut hook)
+            .unwrap();
+        let last = model.grads_to_host(&be).unwrap();
+        assert_eq!(seen.len(), cfg.n_layers + 1, "tied {tied}");
+        assert!(seen.windows(2).all(|w| w[0].0 > w[1].0), "from decreases");
+        for (from, snap) in &seen {
+            for (k, g) in snap.iter().enumerate() {
+                let i = from + k;
+                if tied && i == model.layout.embed {
+                    continue; // the tied lm_head is the embedding: final only at the end
+                }
+                assert_eq!(g, &last[i], "tensor {i} reported final at {from} but changed later");
+            }
+        }
+    }
+}

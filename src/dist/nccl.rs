@@ -271,19 +271,33 @@ impl NcclComm {
         &self,
         bufs: &mut [(&mut CudaSlice<f32>, usize)],
     ) -> Result<(), DistError> {
+        self.all_reduce_sum_group_start(bufs)?;
+        self.wait_for_collectives()
+    }
+
+    /// [`NcclComm::all_reduce_sum_group`] without the compute stream waiting for it: the
+    /// compute stream's later work (the backward of earlier layers) overlaps the sum, so it
+    /// must not touch `bufs` until [`NcclComm::wait_for_collectives`].
+    pub fn all_reduce_sum_group_start(
+        &self,
+        bufs: &mut [(&mut CudaSlice<f32>, usize)],
+    ) -> Result<(), DistError> {
         let comm = self.comm()?;
         self.poll()?;
         self.arm("the gradient all-reduce");
-        let drv = |what: &'static str| {
-            move |e: cudarc::driver::DriverError| self.err(format!("{what}: {e:?}"))
-        };
         self.comm_stream
             .join(&self.stream)
-            .map_err(drv("ordering the all-reduce after the backward"))?;
-        self.group(comm, bufs)?;
-        self.stream
-            .join(&self.comm_stream)
-            .map_err(drv("ordering the compute stream after the all-reduce"))
+            .map_err(|e| self.err(format!("ordering the all-reduce after the backward: {e:?}")))?;
+        self.group(comm, bufs)
+    }
+
+    /// The compute stream's later work waits for every collective queued so far.
+    pub fn wait_for_collectives(&self) -> Result<(), DistError> {
+        self.stream.join(&self.comm_stream).map_err(|e| {
+            self.err(format!(
+                "ordering the compute stream after the all-reduce: {e:?}"
+            ))
+        })
     }
 
     fn group(

@@ -508,6 +508,21 @@ impl<B: Backend> Llama<B> {
         batch: &DeviceBatch<B>,
         loss_scale: f32,
     ) -> Result<f64, BackendError> {
+        self.forward_backward_hooked(be, batch, loss_scale, &mut |_, _| Ok(()))
+    }
+
+    /// [`Llama::forward_backward`], calling `grads_ready(grads, from)` each time the gradients
+    /// of the tensors `from..` (layout order) are final for this micro-batch: after the
+    /// classifier and final norm, then after each layer's backward (the embedding's comes
+    /// last, with the return). A data-parallel run starts summing them across ranks there,
+    /// overlapping the rest of the backward.
+    pub fn forward_backward_hooked<E: From<BackendError>>(
+        &mut self,
+        be: &B,
+        batch: &DeviceBatch<B>,
+        loss_scale: f32,
+        grads_ready: &mut dyn FnMut(&mut [B::Buf], usize) -> Result<(), E>,
+    ) -> Result<f64, E> {
         // The loss is read back only after the backward is queued, so a device backend runs
         // the whole micro-step without waiting for the host.
         self.forward_inner(be, batch, Some(loss_scale))?;
@@ -527,6 +542,9 @@ impl<B: Backend> Llama<B> {
             t,
             m.c,
         )?;
+        // Everything after the last layer: ln_f, and lm_head when untied (tied, it is the
+        // embedding, index 0, final only at the end).
+        grads_ready(&mut self.grads, self.layout.ln_f)?;
         for l in (0..n_layers).rev() {
             let slot = if self.recompute {
                 self.layer_forward(be, l, 0, batch)?;
@@ -535,6 +553,7 @@ impl<B: Backend> Llama<B> {
                 l
             };
             self.layer_backward(be, l, slot, batch)?;
+            grads_ready(&mut self.grads, self.layout.layers[l].first())?;
         }
         be.embedding_backward(
             &mut self.grads[self.layout.embed],
@@ -543,7 +562,7 @@ impl<B: Backend> Llama<B> {
             t,
             m.c,
         )?;
-        self.loss_sum(be, t)
+        Ok(self.loss_sum(be, t)?)
     }
 
     /// Backward of layer `l`: on entry `dres` = d r2, on exit d r0; weight grads +=.

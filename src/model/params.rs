@@ -49,6 +49,17 @@ pub struct LayerParams {
     pub wdown: usize,
 }
 
+impl LayerParams {
+    /// The smallest index of the layer's tensors (they are consecutive in the layout).
+    pub fn first(&self) -> usize {
+        [self.ln1, self.wqkv, self.wo, self.ln2, self.wgate_up, self.wdown]
+            .into_iter()
+            .chain(self.bqkv)
+            .min()
+            .unwrap_or(self.ln1)
+    }
+}
+
 /// The whole layout: specs in a fixed order plus named indices.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParamLayout {

@@ -54,6 +54,18 @@ pub trait GradSync<B: Backend> {
         layout: &ParamLayout,
         grads: &mut [B::Buf],
     ) -> Result<(), TrainError>;
+    /// During the last micro-step's backward: the gradients of tensors `ready_from..` (layout
+    /// order) are final, so a sync may start summing them while the backward of the earlier
+    /// layers runs. `all_reduce` still follows and completes the rest. The default waits for it.
+    fn grads_ready(
+        &self,
+        _be: &B,
+        _layout: &ParamLayout,
+        _grads: &mut [B::Buf],
+        _ready_from: usize,
+    ) -> Result<(), TrainError> {
+        Ok(())
+    }
     /// The step's device work has finished (the backend was synchronised).
     fn step_done(&self) {}
     /// The loop is leaving on an error: stop any collective in flight (never waits for peers).
@@ -124,12 +136,17 @@ pub(super) fn buckets(numels: &[usize], bucket_floats: usize) -> Vec<Range<usize
     out
 }
 
-/// Gradients summed by NCCL on the device: one NCCL group (one launch) per bucket of
-/// `dist.bucket_mb`, in place, on the backend's stream after the backward (no copies, no host
-/// round trip). The watchdog of [`crate::dist::nccl::NcclComm`] times them.
+/// Gradients summed by NCCL on the device, in place, one NCCL group (one launch) per bucket of
+/// `dist.bucket_mb`, on NCCL's own stream (no copies, no host round trip). Buckets go from the
+/// last tensor of the layout down, each as soon as the backward has finished its layers
+/// ([`GradSync::grads_ready`]), so the sums overlap the backward of the earlier layers; the
+/// compute stream waits for them only in `all_reduce`, before the norm and the optimizer. The
+/// watchdog of [`crate::dist::nccl::NcclComm`] times them.
 pub struct NcclGradSync {
     nccl: crate::dist::nccl::NcclComm,
     bucket_floats: usize,
+    /// Buckets of this step already started, counted from the last one.
+    started: std::cell::Cell<usize>,
 }
 
 impl NcclGradSync {
@@ -148,13 +165,47 @@ impl NcclGradSync {
         Ok(Self {
             nccl,
             bucket_floats: bucket_floats(cfg),
+            started: std::cell::Cell::new(0),
         })
+    }
+
+    /// Start every bucket not started yet whose tensors all lie in `ready_from..`, last first.
+    fn start_ready(
+        &self,
+        layout: &ParamLayout,
+        grads: &mut [crate::backend::cuda::CudaBuf],
+        ready_from: usize,
+    ) -> Result<(), TrainError> {
+        let numels: Vec<usize> = layout.specs.iter().map(|s| s.numel()).collect();
+        let all = buckets(&numels, self.bucket_floats);
+        for b in all.iter().rev().skip(self.started.get()) {
+            if b.start < ready_from {
+                break;
+            }
+            let mut bufs = grads[b.clone()]
+                .iter_mut()
+                .zip(&numels[b.clone()])
+                .map(|(g, &n)| Ok((g.f32_mut("all_reduce")?, n)))
+                .collect::<Result<Vec<_>, crate::backend::BackendError>>()?;
+            self.nccl.all_reduce_sum_group_start(&mut bufs)?;
+            self.started.set(self.started.get() + 1);
+        }
+        Ok(())
     }
 }
 
 impl GradSync<CudaBackend> for NcclGradSync {
     fn name(&self) -> &'static str {
         "nccl"
+    }
+    fn grads_ready(
+        &self,
+        _be: &CudaBackend,
+        layout: &ParamLayout,
+        grads: &mut [crate::backend::cuda::CudaBuf],
+        ready_from: usize,
+    ) -> Result<(), TrainError> {
+        self.start_ready(layout, grads, ready_from)
     }
     fn all_reduce(
         &self,
@@ -163,19 +214,10 @@ impl GradSync<CudaBackend> for NcclGradSync {
         layout: &ParamLayout,
         grads: &mut [crate::backend::cuda::CudaBuf],
     ) -> Result<(), TrainError> {
-        let numels: Vec<usize> = layout.specs.iter().map(|s| s.numel()).collect();
-        let mut rest: &mut [crate::backend::cuda::CudaBuf] = grads;
-        for b in buckets(&numels, self.bucket_floats) {
-            let (head, tail) = std::mem::take(&mut rest).split_at_mut(b.len());
-            rest = tail;
-            let mut bufs = head
-                .iter_mut()
-                .zip(&numels[b])
-                .map(|(g, &n)| Ok((g.f32_mut("all_reduce")?, n)))
-                .collect::<Result<Vec<_>, crate::backend::BackendError>>()?;
-            self.nccl.all_reduce_sum_group(&mut bufs)?;
-        }
-        Ok(())
+        let started = self.start_ready(layout, grads, 0);
+        self.started.set(0);
+        started?;
+        Ok(self.nccl.wait_for_collectives()?)
     }
     fn step_done(&self) {
         self.nccl.disarm();

@@ -298,7 +298,16 @@ pub fn run_with<B: Backend>(
         for g in 0..g_micro {
             let packed = PackedBatch::assemble(plan.bin(s, rank, g), &store)?;
             batch.upload(be, &packed)?;
-            loss_sum += model.forward_backward(be, &batch, loss_scale)?;
+            // The last micro-step of a data-parallel step hands each layer's finished
+            // gradients to the sync as the backward goes, so the all-reduce overlaps it.
+            let overlap = world > 1 && shards.is_none() && g + 1 == g_micro;
+            loss_sum += if overlap {
+                model.forward_backward_hooked(be, &batch, loss_scale, &mut |grads, from| {
+                    sync.grads_ready(be, &layout, grads, from)
+                })?
+            } else {
+                model.forward_backward(be, &batch, loss_scale)?
+            };
         }
 
         // ---- all-reduce: gradient sums and the loss sum across ranks. `sync` may only queue

@@ -52,11 +52,18 @@ pub struct LayerParams {
 impl LayerParams {
     /// The smallest index of the layer's tensors (they are consecutive in the layout).
     pub fn first(&self) -> usize {
-        [self.ln1, self.wqkv, self.wo, self.ln2, self.wgate_up, self.wdown]
-            .into_iter()
-            .chain(self.bqkv)
-            .min()
-            .unwrap_or(self.ln1)
+        [
+            self.ln1,
+            self.wqkv,
+            self.wo,
+            self.ln2,
+            self.wgate_up,
+            self.wdown,
+        ]
+        .into_iter()
+        .chain(self.bqkv)
+        .min()
+        .unwrap_or(self.ln1)
     }
 }
 

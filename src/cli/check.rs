@@ -430,41 +430,56 @@ fn op_list<B: Backend>(c: &mut Cases<B>) {
 
     // ------------------------------------------------------------ rmsnorm
     let t = OP_TOKENS + 3;
-    c.case("rmsnorm_forward", "rmsnorm", |io| {
-        let x = io.randn(t * C, 2.0);
-        let w = io.uniform(C, 0.5, 1.5);
-        let (xb, wb) = (io.input(&x)?, io.full(&w)?);
-        let (mut out, mut rstd) = (io.poisoned(t * C)?, io.poisoned_full(t)?);
-        io.be
-            .rmsnorm_forward(&mut out, &mut rstd, &xb, &wb, t, C, 1e-5)?;
-        io.output("out", &out, t * C)?;
-        io.output("rstd", &rstd, t)
-    });
-    c.case("rmsnorm_backward", "rmsnorm", |io| {
-        let x = io.randn(t * C, 2.0);
-        let w = io.uniform(C, 0.5, 1.5);
-        let dout = io.randn(t * C, 1.0);
-        let rstd: Vec<f32> = x
-            .chunks(C)
-            .map(|r| {
-                let ms = r.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / C as f64;
-                (1.0 / (ms + 1e-5).sqrt()) as f32
-            })
-            .collect();
-        let (dx0, dw0) = (io.randn(t * C, 1.0), io.randn(C, 1.0));
-        let (xb, wb, db, rb) = (
-            io.input(&x)?,
-            io.full(&w)?,
-            io.input(&dout)?,
-            io.full(&rstd)?,
-        );
-        // dx is the model's dres: full precision.
-        let (mut dx, mut dw) = (io.full(&dx0)?, io.full(&dw0)?);
-        io.be
-            .rmsnorm_backward(&mut dx, &mut dw, &db, &xb, &wb, &rb, t, C)?;
-        io.output("dx (+=)", &dx, t * C)?;
-        io.output("dweight (+=)", &dw, C)
-    });
+    // C = 256 takes the CUDA `_vec8` row kernels (C % 8 == 0), C + 4 the scalar ones.
+    for cc in [C, C + 4] {
+        let tag = if cc == C { "" } else { "[C%8!=0]" };
+        c.case(format!("rmsnorm_forward{tag}"), "rmsnorm", |io| {
+            let x = io.randn(t * cc, 2.0);
+            let w = io.uniform(cc, 0.5, 1.5);
+            let (xb, wb) = (io.input(&x)?, io.full(&w)?);
+            let (mut out, mut rstd) = (io.poisoned(t * cc)?, io.poisoned_full(t)?);
+            io.be
+                .rmsnorm_forward(&mut out, &mut rstd, &xb, &wb, t, cc, 1e-5)?;
+            io.output("out", &out, t * cc)?;
+            io.output("rstd", &rstd, t)
+        });
+        c.case(format!("add_rmsnorm_forward{tag}"), "rmsnorm", |io| {
+            let (acc0, x) = (io.randn(t * cc, 1.5), io.randn(t * cc, 1.5));
+            let w = io.uniform(cc, 0.5, 1.5);
+            let (mut acc, xb, wb) = (io.input(&acc0)?, io.input(&x)?, io.full(&w)?);
+            let (mut out, mut rstd) = (io.poisoned(t * cc)?, io.poisoned_full(t)?);
+            io.be
+                .add_rmsnorm_forward(&mut out, &mut rstd, &mut acc, &xb, &wb, t, cc, 1e-5)?;
+            io.output("acc (+=)", &acc, t * cc)?;
+            io.output("out", &out, t * cc)?;
+            io.output("rstd", &rstd, t)
+        });
+        c.case(format!("rmsnorm_backward{tag}"), "rmsnorm", |io| {
+            let x = io.randn(t * cc, 2.0);
+            let w = io.uniform(cc, 0.5, 1.5);
+            let dout = io.randn(t * cc, 1.0);
+            let rstd: Vec<f32> = x
+                .chunks(cc)
+                .map(|r| {
+                    let ms = r.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / cc as f64;
+                    (1.0 / (ms + 1e-5).sqrt()) as f32
+                })
+                .collect();
+            let (dx0, dw0) = (io.randn(t * cc, 1.0), io.randn(cc, 1.0));
+            let (xb, wb, db, rb) = (
+                io.input(&x)?,
+                io.full(&w)?,
+                io.input(&dout)?,
+                io.full(&rstd)?,
+            );
+            // dx is the model's dres: full precision.
+            let (mut dx, mut dw) = (io.full(&dx0)?, io.full(&dw0)?);
+            io.be
+                .rmsnorm_backward(&mut dx, &mut dw, &db, &xb, &wb, &rb, t, cc)?;
+            io.output("dx (+=)", &dx, t * cc)?;
+            io.output("dweight (+=)", &dw, cc)
+        });
+    }
 
     // ------------------------------------------------------------ matmul
     for (tag, ic, oc, bias) in [
@@ -591,28 +606,34 @@ fn op_list<B: Backend>(c: &mut Cases<B>) {
 
     // ------------------------------------------------------------ swiglu, add, scale
     let t = OP_TOKENS + 5;
-    c.case("swiglu_forward", "swiglu", |io| {
-        let gu = io.randn(t * 2 * F, 2.0);
-        let g = io.input(&gu)?;
-        let mut out = io.poisoned(t * F)?;
-        io.be.swiglu_forward(&mut out, &g, t, F)?;
-        io.output("out", &out, t * F)
-    });
-    c.case("swiglu_backward", "swiglu", |io| {
-        let gu = io.randn(t * 2 * F, 2.0);
-        let dout = io.randn(t * F, 1.0);
-        let (g, d) = (io.input(&gu)?, io.input(&dout)?);
-        let mut dgu = io.poisoned(t * 2 * F)?;
-        io.be.swiglu_backward(&mut dgu, &d, &g, t, F)?;
-        io.output("dgate_up", &dgu, t * 2 * F)
-    });
-    c.case("add_inplace", "add", |io| {
-        let n = t * C;
-        let (a0, x) = (io.randn(n, 1.0), io.randn(n, 1.0));
-        let (mut a, xb) = (io.input(&a0)?, io.input(&x)?);
-        io.be.add_inplace(&mut a, &xb, n)?;
-        io.output("acc (+=)", &a, n)
-    });
+    // F = 688 takes the CUDA `_vec8` kernels (F % 8 == 0), F + 2 the scalar ones.
+    for ff in [F, F + 2] {
+        let tag = if ff == F { "" } else { "[F%8!=0]" };
+        c.case(format!("swiglu_forward{tag}"), "swiglu", |io| {
+            let gu = io.randn(t * 2 * ff, 2.0);
+            let g = io.input(&gu)?;
+            let mut out = io.poisoned(t * ff)?;
+            io.be.swiglu_forward(&mut out, &g, t, ff)?;
+            io.output("out", &out, t * ff)
+        });
+        c.case(format!("swiglu_backward{tag}"), "swiglu", |io| {
+            let gu = io.randn(t * 2 * ff, 2.0);
+            let dout = io.randn(t * ff, 1.0);
+            let (g, d) = (io.input(&gu)?, io.input(&dout)?);
+            let mut dgu = io.poisoned(t * 2 * ff)?;
+            io.be.swiglu_backward(&mut dgu, &d, &g, t, ff)?;
+            io.output("dgate_up", &dgu, t * 2 * ff)
+        });
+    }
+    // n = T C takes the CUDA `_vec8` add (n % 8 == 0), T C + 3 the scalar one.
+    for (tag, n) in [("", t * C), ("[n%8!=0]", t * C + 3)] {
+        c.case(format!("add_inplace{tag}"), "add", |io| {
+            let (a0, x) = (io.randn(n, 1.0), io.randn(n, 1.0));
+            let (mut a, xb) = (io.input(&a0)?, io.input(&x)?);
+            io.be.add_inplace(&mut a, &xb, n)?;
+            io.output("acc (+=)", &a, n)
+        });
+    }
     c.case("scale", "scale", |io| {
         let n = t * C + 1;
         let x = io.randn(n, 1.0);

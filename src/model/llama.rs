@@ -397,13 +397,14 @@ impl<B: Backend> Llama<B> {
         be.matmul_forward(&mut a.qkv, &a.n1, gw(p.wqkv), bias, t, m.c, m.qkv)?;
         be.rope_forward(&mut a.qkv, &batch.positions, &self.inv_freq, ad)?;
         be.attention_forward(&mut a.att, &mut a.lse, &a.qkv, &batch.cu_seqlens, ad)?;
-        // r1 = r0 + att Wo^T: the projection lands in r1, then the residual is added.
+        // r1 = r0 + att Wo^T: the projection lands in r1, then the residual is added, fused
+        // with the second norm (n2 = rmsnorm(r1), r1 read once).
         be.matmul_forward(&mut a.r1, &a.att, gw(p.wo), None, t, m.h * m.d, m.c)?;
-        be.add_inplace(&mut a.r1, r0, t * m.c)?;
-        be.rmsnorm_forward(
+        be.add_rmsnorm_forward(
             &mut a.n2,
             &mut a.rstd2,
-            &a.r1,
+            &mut a.r1,
+            r0,
             &self.params[p.ln2],
             t,
             m.c,

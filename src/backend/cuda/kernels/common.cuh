@@ -25,6 +25,48 @@ __device__ __forceinline__ void st(const Ten& t, long long i, float v) {
         reinterpret_cast<float*>(t.p)[i] = v;
 }
 
+// The value `v` becomes when stored into `t` (bf16: rounded to nearest even, then widened):
+// what a later `ld` of that element returns.
+__device__ __forceinline__ float rnd(const Ten& t, float v) {
+    return t.bf16 ? __bfloat162float(__float2bfloat16_rn(v)) : v;
+}
+
+// Eight consecutive elements i..i+8 in one go: one 16-byte load/store for bf16, two for f32.
+// Needs i % 8 == 0 and a 16-byte aligned base (launchers check both; allocations are
+// 256-byte aligned), so the vector access is aligned in either precision. Same values as
+// eight `ld` / `st` calls.
+__device__ __forceinline__ void ld8(const Ten& t, long long i, float v[8]) {
+    if (t.bf16) {
+        uint4 r = *reinterpret_cast<const uint4*>(reinterpret_cast<const __nv_bfloat16*>(t.p) + i);
+        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&r);
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            float2 f = __bfloat1622float2(h[k]);
+            v[2 * k] = f.x;
+            v[2 * k + 1] = f.y;
+        }
+    } else {
+        const float4* q = reinterpret_cast<const float4*>(reinterpret_cast<const float*>(t.p) + i);
+        float4 a = q[0], b = q[1];
+        v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w;
+        v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+    }
+}
+
+__device__ __forceinline__ void st8(const Ten& t, long long i, const float v[8]) {
+    if (t.bf16) {
+        uint4 r;
+        __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&r);
+#pragma unroll
+        for (int k = 0; k < 4; k++) h[k] = __floats2bfloat162_rn(v[2 * k], v[2 * k + 1]);
+        *reinterpret_cast<uint4*>(reinterpret_cast<__nv_bfloat16*>(t.p) + i) = r;
+    } else {
+        float4* q = reinterpret_cast<float4*>(reinterpret_cast<float*>(t.p) + i);
+        q[0] = make_float4(v[0], v[1], v[2], v[3]);
+        q[1] = make_float4(v[4], v[5], v[6], v[7]);
+    }
+}
+
 // Sum over a warp (all 32 lanes get the result).
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -1,10 +1,12 @@
 //! RMSNorm forward and backward (kernels and math in `rmsnorm.cu`). dweight is reduced
 //! deterministically: per-block partials over blocks of `ROWS` rows into a scratch buffer,
-//! then added in block order (the CPU reference's order).
+//! then added in block order (the CPU reference's order). The row kernels have `_vec8` twins
+//! (8 columns per lane, 16-byte accesses) chosen by C % 8 == 0 and alignment only (see
+//! `rmsnorm.cu`, "Row layouts"), so the fused add + norm matches the unfused pair bitwise.
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-use super::elementwise::{dim_i32, prod};
+use super::elementwise::{dim_i32, prod, vec8_ok};
 use super::need;
 use crate::backend::cuda::{drv, grid_1d, launch, CudaBackend, CudaBuf};
 use crate::backend::BackendError;
@@ -49,9 +51,63 @@ pub fn forward(
     let (t32, c32) = (dim_i32(OP, "T", t)?, dim_i32(OP, "C", c)?);
     // Checked: out and x hold T C, rstd T, weight C.
     let (to, tr, tx, tw) = (be.ten(out), be.ten(rstd), be.ten(x), be.ten(weight));
-    launch(be, "rmsnorm_forward", warp_per_row(t), |a| {
+    // Also checked for `_vec8`: C % 8 == 0 and 16-byte aligned out, x, weight.
+    let name = if vec8_ok(be, c, &[out, x, weight]) {
+        "rmsnorm_forward_vec8"
+    } else {
+        "rmsnorm_forward"
+    };
+    launch(be, name, warp_per_row(t), |a| {
         a.arg(&to)
             .arg(&tr)
+            .arg(&tx)
+            .arg(&tw)
+            .arg(&t32)
+            .arg(&c32)
+            .arg(&eps);
+    })
+}
+
+/// acc `[T, C]` += x (the residual sum), then out `[T, C]` and rstd `[T]` overwritten with the
+/// RMSNorm of the new acc: bitwise `add_inplace` then [`forward`] (same row layout, the sum
+/// rounded to acc's precision before the norm reads it).
+#[allow(clippy::too_many_arguments)]
+pub fn add_forward(
+    be: &CudaBackend,
+    out: &mut CudaBuf,
+    rstd: &mut CudaBuf,
+    acc: &mut CudaBuf,
+    x: &CudaBuf,
+    weight: &CudaBuf,
+    t: usize,
+    c: usize,
+    eps: f32,
+) -> Result<(), BackendError> {
+    const OP: &str = "add_rmsnorm_forward";
+    let n = prod(OP, &[t, c])?;
+    need(OP, "out [T, C]", out.len(), n)?;
+    need(OP, "rstd [T]", rstd.len(), t)?;
+    need(OP, "acc [T, C]", acc.len(), n)?;
+    need(OP, "x [T, C]", x.len(), n)?;
+    need(OP, "weight [C]", weight.len(), c)?;
+    if t == 0 || c == 0 {
+        return Ok(());
+    }
+    let (t32, c32) = (dim_i32(OP, "T", t)?, dim_i32(OP, "C", c)?);
+    // Checked: out, acc and x hold T C, rstd T, weight C.
+    let (to, tr, ta) = (be.ten(out), be.ten(rstd), be.ten(acc));
+    let (tx, tw) = (be.ten(x), be.ten(weight));
+    // Also checked for `_vec8`: C % 8 == 0 and 16-byte aligned out, acc, x, weight. The choice
+    // depends on C alone for allocated buffers, as in `forward`.
+    let name = if vec8_ok(be, c, &[out, acc, x, weight]) {
+        "add_rmsnorm_forward_vec8"
+    } else {
+        "add_rmsnorm_forward"
+    };
+    launch(be, name, warp_per_row(t), |a| {
+        a.arg(&to)
+            .arg(&tr)
+            .arg(&ta)
             .arg(&tx)
             .arg(&tw)
             .arg(&t32)
@@ -88,7 +144,13 @@ pub fn backward(
     // Checked: dx, dout, x hold T C, weight C, rstd T.
     let (tdx, tdo, tx) = (be.ten(dx), be.ten(dout), be.ten(x));
     let (tw, tr, tdw) = (be.ten(weight), be.ten(rstd), be.ten(dweight));
-    launch(be, "rmsnorm_backward_dx", warp_per_row(t), |a| {
+    // Also checked for `_vec8`: C % 8 == 0 and 16-byte aligned dx, dout, x, weight.
+    let name = if vec8_ok(be, c, &[dx, dout, x, weight]) {
+        "rmsnorm_backward_dx_vec8"
+    } else {
+        "rmsnorm_backward_dx"
+    };
+    launch(be, name, warp_per_row(t), |a| {
         a.arg(&tdx)
             .arg(&tdo)
             .arg(&tx)

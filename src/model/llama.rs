@@ -155,6 +155,10 @@ pub struct Llama<B: Backend> {
     scratch: Scratch<B>,
 }
 
+/// The hook of [`Llama::forward_backward_hooked`]: `(grads, from)` says the gradients of
+/// tensors `from..` are final.
+pub type GradsReady<'a, B, E> = dyn FnMut(&mut [<B as Backend>::Buf], usize) -> Result<(), E> + 'a;
+
 /// The buffer a GEMM reads for parameter `i`: its working copy, else the master (a free
 /// function, so it borrows only these two fields).
 fn gemm_weight<'a, B: Backend>(
@@ -522,7 +526,7 @@ impl<B: Backend> Llama<B> {
         be: &B,
         batch: &DeviceBatch<B>,
         loss_scale: f32,
-        grads_ready: &mut dyn FnMut(&mut [B::Buf], usize) -> Result<(), E>,
+        grads_ready: &mut GradsReady<'_, B, E>,
     ) -> Result<f64, E> {
         // The loss is read back only after the backward is queued, so a device backend runs
         // the whole micro-step without waiting for the host.

@@ -135,16 +135,64 @@ __device__ __forceinline__ void fa_load_tile(unsigned short* s, const E* g, long
     }
 }
 
+// Asynchronous copies (sm_80+): a 16-byte or 4-byte global -> shared copy that completes at
+// fa_async_wait; `bytes` = 0 copies nothing and zero-fills the destination.
+__device__ __forceinline__ void fa_cp16(void* dst, const void* src, int bytes) {
+    unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void fa_cp4(void* dst, const void* src, int bytes) {
+    unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(d), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void fa_async_commit() { asm volatile("cp.async.commit_group;"); }
+// Wait until at most N committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void fa_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N));
+}
+
+// Start loading a 64 x D tile (as fa_load_tile): bf16 rows go by cp.async straight into shared
+// memory (complete at fa_async_wait, so the copy overlaps whatever the block computes
+// meanwhile); f32 rows must be rounded, so they load synchronously through registers.
+template <int D, int B>
+__device__ __forceinline__ void fa_tile_start(unsigned short* s, const float* g, long ld,
+                                              int valid) {
+    fa_load_tile<D, B>(s, g, ld, valid);
+}
+template <int D, int B>
+__device__ __forceinline__ void fa_tile_start(unsigned short* s, const __nv_bfloat16* g, long ld,
+                                              int valid) {
+    constexpr int V8 = D / 8;  // 16-byte chunks per row
+#pragma unroll
+    for (int j = 0; j < FA_TILE * V8 / FA_THREADS; ++j) {
+        int i = threadIdx.x + j * FA_THREADS;
+        int r = i / V8, c = (i % V8) * 8;
+        bool ok = r < valid;
+        fa_cp16(s + r * (D + 8) + c, g + (ok ? (long)r * ld + c : 0), ok ? 16 : 0);
+    }
+}
+
+// K/V (forward) and Q/dO (backward) tiles are double-buffered where shared memory allows it:
+// the next tile's copies are in flight while the current one is computed. At D = 128 the
+// extra tiles would cost blocks per SM (the backward its second), so it stays single-buffered
+// until measured otherwise.
+// Must match the shared-memory sizes in ops/flash_attention.rs.
+template <int D>
+struct FaPipe {
+    static constexpr int FWD = D == 64 ? 2 : 1;
+    static constexpr int BWD = D == 64 ? 2 : 1;
+};
+
 template <int D, typename E>
 __device__ __forceinline__ void flash_fwd(E* __restrict__ out, float* __restrict__ lse,
                                           const E* __restrict__ qkv,
                                           const int4* __restrict__ items, int T, int H, int Hkv,
                                           float scale_log2) {
     constexpr int S = D + 8;
+    constexpr int NB = FaPipe<D>::FWD;
     extern __shared__ __align__(16) unsigned short fa_smem[];
-    unsigned short* sQ = fa_smem;
-    unsigned short* sK = sQ + FA_TILE * S;
-    unsigned short* sV = sK + FA_TILE * S;
+    unsigned short* sQ = fa_smem;  // then NB (K, V) tile pairs
     const int4 it = items[blockIdx.x / H];
     const int h = blockIdx.x % H;
     const int start = it.x, L = it.y, qt = it.z;
@@ -153,9 +201,13 @@ __device__ __forceinline__ void flash_fwd(E* __restrict__ out, float* __restrict
     const int q0 = qt * FA_TILE;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
 
-    fa_load_tile<D, 8>(sQ, qkv + (long)(start + q0) * W + (long)h * D, W, L - q0);
     const E* kb = qkv + (long)start * W + (long)(H + hk) * D;
     const E* vb = qkv + (long)start * W + (long)(H + Hkv + hk) * D;
+    // Q and the first K, V tiles; later tiles are started one iteration ahead.
+    fa_tile_start<D, 8>(sQ, qkv + (long)(start + q0) * W + (long)h * D, W, L - q0);
+    fa_tile_start<D, 8>(sQ + FA_TILE * S, kb, W, L);
+    fa_tile_start<D, 8>(sQ + 2 * FA_TILE * S, vb, W, L);
+    fa_async_commit();
 
     float o[D / 8][4];
 #pragma unroll
@@ -164,9 +216,24 @@ __device__ __forceinline__ void flash_fwd(E* __restrict__ out, float* __restrict
 
     for (int kt = 0; kt <= qt; ++kt) {
         const int k0 = kt * FA_TILE;
-        __syncthreads();  // the previous tile's K, V are no longer read
-        fa_load_tile<D, 8>(sK, kb + (long)k0 * W, W, L - k0);
-        fa_load_tile<D, 8>(sV, vb + (long)k0 * W, W, L - k0);
+        unsigned short* sK = sQ + (1 + 2 * (kt % NB)) * FA_TILE * S;
+        unsigned short* sV = sK + FA_TILE * S;
+        __syncthreads();  // the buffer about to be refilled is no longer read
+        if (kt < qt && NB == 2) {
+            unsigned short* nK = sQ + (1 + 2 * ((kt + 1) % NB)) * FA_TILE * S;
+            fa_tile_start<D, 8>(nK, kb + (long)(k0 + FA_TILE) * W, W, L - k0 - FA_TILE);
+            fa_tile_start<D, 8>(nK + FA_TILE * S, vb + (long)(k0 + FA_TILE) * W, W,
+                                L - k0 - FA_TILE);
+            fa_async_commit();
+            fa_async_wait<1>();  // this tile's copies are done, the next one's in flight
+        } else {
+            if (NB == 1 && kt > 0) {
+                fa_tile_start<D, 8>(sK, kb + (long)k0 * W, W, L - k0);
+                fa_tile_start<D, 8>(sV, vb + (long)k0 * W, W, L - k0);
+                fa_async_commit();
+            }
+            fa_async_wait<0>();
+        }
         __syncthreads();
 
         float s[8][4];
@@ -340,14 +407,14 @@ __device__ __forceinline__ void flash_bwd(E* __restrict__ dqkv, float* __restric
     constexpr int S = D + 8;
     constexpr int SP = FA_TILE + 8;  // row stride of the dS^T tile
     constexpr int QC = FaBwdCfg<D>::QC;
+    constexpr int NB = FaPipe<D>::BWD;
     extern __shared__ __align__(16) unsigned short fa_smem[];
     unsigned short* sK = fa_smem;
     unsigned short* sV = sK + FA_TILE * S;
-    unsigned short* sQ = sV + FA_TILE * S;
-    unsigned short* sO = sQ + FA_TILE * S;  // dO
-    unsigned short* sP = sO + FA_TILE * S;  // dS^T [key][query]
-    float* sL = reinterpret_cast<float*>(sP + FA_TILE * SP);  // lse * log2 e
-    float* sD = sL + FA_TILE;                                 // dsum
+    unsigned short* sQ0 = sV + FA_TILE * S;        // NB (Q, dO) tile pairs
+    unsigned short* sP = sQ0 + 2 * NB * FA_TILE * S;  // dS^T [key][query]
+    float* sL0 = reinterpret_cast<float*>(sP + FA_TILE * SP);  // NB lse rows
+    float* sD0 = sL0 + NB * FA_TILE;                            // NB dsum rows
 
     const int4 it = items[blockIdx.x / Hkv];
     const int hk = blockIdx.x % Hkv;
@@ -358,8 +425,27 @@ __device__ __forceinline__ void flash_bwd(E* __restrict__ dqkv, float* __restric
     const int nq = (L + FA_TILE - 1) / FA_TILE;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
 
-    fa_load_tile<D, 4>(sK, qkv + (long)(start + k0) * W + (long)(H + hk) * D, W, L - k0);
-    fa_load_tile<D, 4>(sV, qkv + (long)(start + k0) * W + (long)(H + Hkv + hk) * D, W, L - k0);
+    // Steps j = 0 .. G (nq - kt): query head hk G + j / (nq - kt), query tile kt + j % (nq - kt).
+    const int span = nq - kt, steps = G * span;
+    // Start step j's Q, dO, lse, dsum into buffer j % NB (one commit group).
+    auto start_step = [&](int j) {
+        const int hq = hk * G + j / span, q0 = (kt + j % span) * FA_TILE;
+        unsigned short* bQ = sQ0 + 2 * (j % NB) * FA_TILE * S;
+        fa_tile_start<D, 4>(bQ, qkv + (long)(start + q0) * W + (long)hq * D, W, L - q0);
+        fa_tile_start<D, 4>(bQ + FA_TILE * S, dout + (long)(start + q0) * HD + (long)hq * D, HD,
+                            L - q0);
+        if (threadIdx.x < FA_TILE) {
+            // Rows past the document read nothing (zero-filled; masked where used).
+            const bool ok = q0 + (int)threadIdx.x < L;
+            const long idx = ok ? (long)hq * T + start + q0 + threadIdx.x : 0;
+            fa_cp4(sL0 + (j % NB) * FA_TILE + threadIdx.x, lse + idx, ok ? 4 : 0);
+            fa_cp4(sD0 + (j % NB) * FA_TILE + threadIdx.x, dsum + idx, ok ? 4 : 0);
+        }
+        fa_async_commit();
+    };
+    fa_tile_start<D, 4>(sK, qkv + (long)(start + k0) * W + (long)(H + hk) * D, W, L - k0);
+    fa_tile_start<D, 4>(sV, qkv + (long)(start + k0) * W + (long)(H + Hkv + hk) * D, W, L - k0);
+    start_step(0);  // joins K and V's copies in one group
 
     float dk[D / 8][4], dv[D / 8][4];
 #pragma unroll
@@ -367,17 +453,21 @@ __device__ __forceinline__ void flash_bwd(E* __restrict__ dqkv, float* __restric
 #pragma unroll
         for (int e = 0; e < 4; ++e) dk[i][e] = dv[i][e] = 0.f;
 
-    for (int hq = hk * G; hq < hk * G + G; ++hq) {
-        for (int qt = kt; qt < nq; ++qt) {
+    for (int j = 0; j < steps; ++j) {
+        {
+            const int hq = hk * G + j / span, qt = kt + j % span;
             const int q0 = qt * FA_TILE;
-            __syncthreads();  // the previous step's tiles are no longer read
-            fa_load_tile<D, 4>(sQ, qkv + (long)(start + q0) * W + (long)hq * D, W, L - q0);
-            fa_load_tile<D, 4>(sO, dout + (long)(start + q0) * HD + (long)hq * D, HD, L - q0);
-            if (threadIdx.x < FA_TILE) {
-                const int q = q0 + threadIdx.x;
-                const long idx = (long)hq * T + start + q;
-                sL[threadIdx.x] = q < L ? lse[idx] * FA_LOG2E : FA_INF;
-                sD[threadIdx.x] = q < L ? dsum[idx] : 0.f;
+            unsigned short* sQ = sQ0 + 2 * (j % NB) * FA_TILE * S;
+            unsigned short* sO = sQ + FA_TILE * S;  // dO
+            const float* sL = sL0 + (j % NB) * FA_TILE;
+            const float* sD = sD0 + (j % NB) * FA_TILE;
+            __syncthreads();  // the buffer about to be refilled, and sP, are no longer read
+            if (NB == 2 && j + 1 < steps) {
+                start_step(j + 1);
+                fa_async_wait<1>();  // step j's copies are done, step j + 1's in flight
+            } else {
+                if (NB == 1 && j > 0) start_step(j);
+                fa_async_wait<0>();
             }
             __syncthreads();
             const bool diag = qt == kt;
@@ -412,8 +502,8 @@ __device__ __forceinline__ void flash_bwd(E* __restrict__ dqkv, float* __restric
                     for (int e = 0; e < 4; ++e) {
                         const int ql = qc * QC + nb * 8 + 2 * tig + (e & 1);
                         const int key = k0 + warp * 16 + g + (e >> 1) * 8;
-                        float p = exp2f(s[nb][e] * scale_log2 - sL[ql]);
-                        if (diag && key > q0 + ql) p = 0.f;
+                        float p = exp2f(s[nb][e] * scale_log2 - sL[ql] * FA_LOG2E);
+                        if ((diag && key > q0 + ql) || q0 + ql >= L) p = 0.f;
                         s[nb][e] = p;
                         dp[nb][e] = p * (dp[nb][e] - sD[ql]);
                     }
@@ -497,15 +587,17 @@ __device__ __forceinline__ void flash_bwd(E* __restrict__ dqkv, float* __restric
     }
 }
 
-#define FA_BWD_ENTRY(NAME, D, E)                                                              \
-    extern "C" __global__ void __launch_bounds__(FA_THREADS)                                  \
+// MINB: blocks per SM the registers must allow (3 at D = 64: without the bound the pipelined
+// bf16 kernel takes 173 registers, which fits only 2).
+#define FA_BWD_ENTRY(NAME, D, E, MINB)                                                        \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS, MINB)                            \
         NAME(E* dqkv, float* dqacc, long long ldq, const E* dout, const E* qkv,               \
              const float* lse, const float* dsum, const int4* items, int T, int H, int Hkv,   \
              float scale, float scale_log2) {                                                 \
         flash_bwd<D, E>(dqkv, dqacc, ldq, dout, qkv, lse, dsum, items, T, H, Hkv, scale,      \
                         scale_log2);                                                          \
     }
-FA_BWD_ENTRY(flash_bwd_d64, 64, float)
-FA_BWD_ENTRY(flash_bwd_d128, 128, float)
-FA_BWD_ENTRY(flash_bwd_d64_bf16, 64, __nv_bfloat16)
-FA_BWD_ENTRY(flash_bwd_d128_bf16, 128, __nv_bfloat16)
+FA_BWD_ENTRY(flash_bwd_d64, 64, float, 3)
+FA_BWD_ENTRY(flash_bwd_d128, 128, float, 2)
+FA_BWD_ENTRY(flash_bwd_d64_bf16, 64, __nv_bfloat16, 3)
+FA_BWD_ENTRY(flash_bwd_d128_bf16, 128, __nv_bfloat16, 2)

@@ -141,12 +141,25 @@ fn bwd_items(cu: &[i32]) -> Vec<i32> {
     items(cu, |len, tile| len.div_ceil(TILE) - tile)
 }
 
-fn shared_bytes_fwd(d: usize) -> usize {
-    3 * TILE * (d + 8) * 2
+/// Tile buffers of the software pipeline (`FaPipe` in the kernel): K/V forward and Q/dO
+/// backward are double-buffered at D = 64.
+fn pipeline_buffers(d: usize) -> usize {
+    if d == 64 {
+        2
+    } else {
+        1
+    }
 }
 
+/// Q, then the K, V tile pairs (bf16, rows of D + 8).
+fn shared_bytes_fwd(d: usize) -> usize {
+    (1 + 2 * pipeline_buffers(d)) * TILE * (d + 8) * 2
+}
+
+/// K, V, the Q, dO tile pairs, dS^T (rows of 64 + 8), and lse, dsum rows (f32) per buffer.
 fn shared_bytes_bwd(d: usize) -> usize {
-    4 * TILE * (d + 8) * 2 + TILE * (TILE + 8) * 2 + 2 * TILE * 4
+    let nb = pipeline_buffers(d);
+    (2 + 2 * nb) * TILE * (d + 8) * 2 + TILE * (TILE + 8) * 2 + 2 * nb * TILE * 4
 }
 
 fn shape(op: &'static str, message: String) -> BackendError {

@@ -32,8 +32,7 @@ backward, 3.5x fwd+bwd.
 
 --lens-out PREFIX writes PREFIX.<T>.txt per token count (space-separated lengths; a trailing
 .txt on PREFIX is dropped), so packtrain times the same documents:
-`PACKTRAIN_BENCH_LENS=PREFIX.16384.txt cargo test --release --lib flash_attention_bench --
---ignored --nocapture`. --json FILE writes every row (and the lengths) as one JSON object.
+`packtrain attention-bench --lens PREFIX.16384.txt,PREFIX.65536.txt`. --json FILE writes every row (and the lengths) as one JSON object.
 A shape or implementation that fails prints its error in its row (the traceback on stderr)
 and the run goes on.
 """

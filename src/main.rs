@@ -39,6 +39,8 @@ enum Command {
     Check(packtrain::cli::check::CheckArgs),
     /// Training-step throughput, MFU and peak memory of llama-160m and tinyllama-1.1b on a GPU.
     Bench(packtrain::cli::bench::BenchArgs),
+    /// Time our varlen attention, forward and backward, on packed log-normal documents (GPU).
+    AttentionBench(packtrain::cli::bench::attention::AttentionBenchArgs),
     /// Run a backend's attention on random packed inputs and write inputs and outputs for
     /// bench/attention_parity.py.
     AttentionDump(packtrain::cli::attention_dump::AttentionDumpArgs),
@@ -98,6 +100,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(args) => packtrain::cli::eval::run(&args),
         Command::Check(args) => packtrain::cli::check::run(&args),
         Command::Bench(args) => packtrain::cli::bench::run(&args),
+        Command::AttentionBench(args) => packtrain::cli::bench::attention::run(&args),
         Command::AttentionDump(args) => packtrain::cli::attention_dump::run(&args),
     }
 }

@@ -73,8 +73,9 @@ pub fn mode() -> Mode {
     }
 }
 
-/// Override the mode for this process (benchmarks compare both paths in one run).
-#[cfg_attr(not(test), allow(dead_code))]
+/// Override the mode for this process (to compare both paths in one run; no caller today:
+/// `packtrain attention-bench` compares them by `PACKTRAIN_ATTENTION`).
+#[allow(dead_code)]
 pub fn set_mode(m: Mode) {
     MODE.store(mode_code(m), Ordering::Relaxed);
 }
@@ -436,110 +437,5 @@ mod tests {
             assert!(shared_bytes_bwd(d) <= 99 * 1024);
         }
         assert_eq!(shared_bytes_bwd(128), 79360);
-    }
-
-    /// Timing on a GPU, flash against the GEMM path (f32 buffers):
-    /// `cargo test --release --lib flash_attention_bench -- --ignored --nocapture`.
-    /// `PACKTRAIN_BENCH_LENS=file` reads the document lengths (one line per shape set, the
-    /// lengths separated by spaces), so the PyTorch script can time the same documents.
-    #[test]
-    #[ignore = "needs a CUDA GPU"]
-    fn flash_attention_bench() {
-        use crate::backend::Backend;
-        use rand::{Rng, SeedableRng};
-        let be = CudaBackend::new(0).expect("a CUDA device");
-        let t_total = 16384usize;
-        let lens: Vec<usize> = match std::env::var("PACKTRAIN_BENCH_LENS") {
-            Ok(p) => std::fs::read_to_string(p)
-                .expect("lens file")
-                .split_whitespace()
-                .map(|x| x.parse().unwrap())
-                .collect(),
-            Err(_) => {
-                // Log-normal, median 400, sigma 0.9, clipped to 4096, summing to T.
-                let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-                let mut v = Vec::new();
-                let mut left = t_total;
-                while left > 0 {
-                    let (u1, u2): (f64, f64) = (rng.random_range(1e-12..1.0), rng.random());
-                    let z = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
-                    let l = ((400f64.ln() + 0.9 * z).exp().round() as usize).clamp(1, 4096);
-                    let l = l.min(left);
-                    v.push(l);
-                    left -= l;
-                }
-                v
-            }
-        };
-        let t: usize = lens.iter().sum();
-        let mut cu = vec![0i32];
-        for &l in &lens {
-            cu.push(cu.last().unwrap() + l as i32);
-        }
-        let l2: f64 = lens.iter().map(|&l| (l * l) as f64).sum();
-        eprintln!(
-            "T = {t}, {} documents, longest {}",
-            lens.len(),
-            lens.iter().max().unwrap()
-        );
-        for (h, hkv, d) in [(16usize, 4usize, 128usize), (32, 8, 64)] {
-            let dims = AttnDims {
-                t,
-                h,
-                hkv,
-                d,
-                n_docs: lens.len(),
-                max_seqlen: *lens.iter().max().unwrap(),
-            };
-            let w = dims.qkv_width();
-            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
-            let x: Vec<f32> = (0..t * w).map(|_| rng.random_range(-1.0..1.0)).collect();
-            let dy: Vec<f32> = (0..t * h * d)
-                .map(|_| rng.random_range(-1.0..1.0))
-                .collect();
-            let mut qkv = be.alloc(t * w).unwrap();
-            be.upload(&mut qkv, &x).unwrap();
-            let mut dout = be.alloc(t * h * d).unwrap();
-            be.upload(&mut dout, &dy).unwrap();
-            let mut cu_g = be.alloc_idx(cu.len()).unwrap();
-            be.upload_idx(&mut cu_g, &cu).unwrap();
-            let (mut out, mut lse) = (be.alloc(t * h * d).unwrap(), be.alloc(h * t).unwrap());
-            let mut dqkv = be.alloc(t * w).unwrap();
-            let flops_f = 2.0 * l2 * d as f64 * h as f64;
-            for m in [Mode::Flash, Mode::Gemm] {
-                set_mode(m);
-                let time = |f: &mut dyn FnMut()| {
-                    for _ in 0..3 {
-                        f();
-                    }
-                    be.synchronize().unwrap();
-                    let mut v: Vec<f64> = (0..20)
-                        .map(|_| {
-                            let t0 = std::time::Instant::now();
-                            f();
-                            be.synchronize().unwrap();
-                            t0.elapsed().as_secs_f64() * 1e3
-                        })
-                        .collect();
-                    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-                    v[v.len() / 2]
-                };
-                let fwd = time(&mut || {
-                    be.attention_forward(&mut out, &mut lse, &qkv, &cu_g, dims)
-                        .unwrap()
-                });
-                let bwd = time(&mut || {
-                    be.attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, &cu_g, dims)
-                        .unwrap()
-                });
-                println!(
-                    "BENCH ours-{m:?} H={h} Hkv={hkv} D={d} T={t}: fwd {fwd:.3} ms {:.1} TFLOP/s | bwd {bwd:.3} ms {:.1} TFLOP/s | fwd+bwd {:.1} TFLOP/s",
-                    flops_f / fwd / 1e9,
-                    2.5 * flops_f / bwd / 1e9,
-                    3.5 * flops_f / (fwd + bwd) / 1e9
-                );
-            }
-        }
-        set_mode(Mode::Auto);
     }
 }

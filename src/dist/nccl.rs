@@ -186,8 +186,11 @@ impl NcclComm {
             }),
             cv: Condvar::new(),
         });
-        let comm_stream = ctx
-            .new_stream()
+        // The highest priority: while the backward's kernels fill the GPU, the block scheduler
+        // gives SMs that free up to the all-reduce first, so it overlaps instead of queueing
+        // behind them.
+        let comm_stream = cudarc::driver::result::stream::get_priority_range()
+            .and_then(|(_least, greatest)| ctx.new_stream_with_priority(greatest))
             .map_err(|e| err(format!("creating the communication stream: {e:?}")))?;
         spawn_watchdog(shared.clone(), rank, world, timeout)?;
         let mut me = NcclComm {

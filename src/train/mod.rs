@@ -272,6 +272,9 @@ pub fn run_with<B: Backend>(
     let mut eff_sum = 0.0;
     let mut steps_here = 0u64;
     let mut tokens_here = 0u64;
+    // `PACKTRAIN_OVERLAP=0` starts every gradient bucket after the whole backward (to measure
+    // what the overlap buys).
+    let overlap_allowed = std::env::var("PACKTRAIN_OVERLAP").as_deref() != Ok("0");
     while (state.step as usize) < total_steps && opts.stop_after.is_none_or(|n| steps_here < n) {
         let Some((epoch, s)) = locate(&plans, state.step as usize) else {
             break;
@@ -300,7 +303,7 @@ pub fn run_with<B: Backend>(
             batch.upload(be, &packed)?;
             // The last micro-step of a data-parallel step hands each layer's finished
             // gradients to the sync as the backward goes, so the all-reduce overlaps it.
-            let overlap = world > 1 && shards.is_none() && g + 1 == g_micro;
+            let overlap = overlap_allowed && world > 1 && shards.is_none() && g + 1 == g_micro;
             loss_sum += if overlap {
                 model.forward_backward_hooked(be, &batch, loss_scale, &mut |grads, from| {
                     sync.grads_ready(be, &layout, grads, from)

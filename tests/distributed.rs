@@ -120,9 +120,18 @@ fn reference(c: &Config, world: usize) -> Reference {
             1.0
         };
         let lr = schedule::learning_rate(&c.train, step, total);
-        let (params, grads) = model.params_mut_and_grads();
-        opt.update(&be, &layout, params, grads, &c.train, lr, scale as f32)
-            .unwrap();
+        let (params, working, grads) = model.update_view();
+        opt.update(
+            &be,
+            &layout,
+            params,
+            working,
+            grads,
+            &c.train,
+            lr,
+            scale as f32,
+        )
+        .unwrap();
         losses.push(loss_sum / step_targets as f64);
     }
     let (m, v) = opt.to_host(&be, &layout).unwrap();

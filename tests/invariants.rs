@@ -170,13 +170,13 @@ fn invariant_4_one_global_normalisation() {
 
     let mut opt_a = AdamW::new(&be, &layout).unwrap();
     let mut opt_b = AdamW::new(&be, &layout).unwrap();
-    let (pa, ga) = a.params_mut_and_grads();
+    let (pa, wa, ga) = a.update_view();
     opt_a
-        .update(&be, &layout, pa, ga, &tcfg, 1e-3, 1.0)
+        .update(&be, &layout, pa, wa, ga, &tcfg, 1e-3, 1.0)
         .unwrap();
-    let (pb, gb) = b.params_mut_and_grads();
+    let (pb, wb, gb) = b.update_view();
     opt_b
-        .update(&be, &layout, pb, gb, &tcfg, 1e-3, 1.0)
+        .update(&be, &layout, pb, wb, gb, &tcfg, 1e-3, 1.0)
         .unwrap();
     let (wa, wb) = (
         a.weights_to_host(&be).unwrap(),

@@ -187,7 +187,10 @@ fn grads_ready_reports_only_final_gradients() {
                 if tied && i == model.layout.embed {
                     continue; // the tied lm_head is the embedding: final only at the end
                 }
-                assert_eq!(g, &last[i], "tensor {i} reported final at {from} but changed later");
+                assert_eq!(
+                    g, &last[i],
+                    "tensor {i} reported final at {from} but changed later"
+                );
             }
         }
     }

@@ -362,6 +362,23 @@ pub trait Backend {
     ) -> Result<(), BackendError>;
 
     // ---------------------------------------------------------------- optimizer
+    /// [`Backend::adamw`], also writing the updated parameter into `working` (its copy in the
+    /// activation precision, rounded), in the same pass on a device backend. The default runs
+    /// `adamw` then `copy`.
+    #[allow(clippy::too_many_arguments)]
+    fn adamw_with_copy(
+        &self,
+        param: &mut Self::Buf,
+        grad: &Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+        working: &mut Self::Buf,
+        n: usize,
+        hp: AdamWStep,
+    ) -> Result<(), BackendError> {
+        self.adamw(param, grad, m, v, n, hp)?;
+        self.copy(working, param, n)
+    }
     /// `sum_b sum_i b[i]^2` over the leading `len` of each buffer, summed in f64 on the host
     /// (the one host sync of a step).
     fn sum_squares(&self, bufs: &[(&Self::Buf, usize)]) -> Result<f64, BackendError>;

@@ -321,10 +321,14 @@ impl<B: Backend> Llama<B> {
         &mut self.params
     }
 
-    /// [`Llama::params_mut`] together with the gradients (for the optimizer step).
-    pub fn params_mut_and_grads(&mut self) -> (&mut [B::Buf], &[B::Buf]) {
-        self.working_stale = true;
-        (&mut self.params, &self.grads)
+    /// The optimizer's view: master weights, their working copies (`Some` for the GEMM
+    /// matrices when activations are not f32) and the gradients. The caller must write the
+    /// working copy of every parameter it changes (`Backend::adamw_with_copy` does); a caller
+    /// that changes weights any other way afterwards uses [`Llama::params_mut`], which marks
+    /// every working copy stale again.
+    pub fn update_view(&mut self) -> (&mut [B::Buf], &mut [Option<B::Buf>], &[B::Buf]) {
+        self.working_stale = false;
+        (&mut self.params, &mut self.working, &self.grads)
     }
 
     /// Copy (round) the master weights into the working copies if they changed.

@@ -364,11 +364,12 @@ pub fn run_with<B: Backend>(
             1.0
         };
         let lr = schedule::learning_rate(&cfg.train, state.step as usize, total_steps);
-        let (params, grads) = model.params_mut_and_grads();
+        let (params, working, grads) = model.update_view();
         opt.update(
             be,
             &layout,
             params,
+            working,
             grads,
             &cfg.train,
             lr,

@@ -121,13 +121,15 @@ impl<B: Backend> AdamW<B> {
     }
 
     /// Update the tensors `owned` (every tensor without ZeRO-1): `grad_scale` multiplies the
-    /// gradients first (the clip factor).
+    /// gradients first (the clip factor). A tensor with a working copy (`working[i]`, see
+    /// `Llama::update_view`) gets it rewritten by the same fused kernel.
     #[allow(clippy::too_many_arguments)]
     pub fn update(
         &mut self,
         be: &B,
         layout: &ParamLayout,
         params: &mut [B::Buf],
+        working: &mut [Option<B::Buf>],
         grads: &[B::Buf],
         cfg: &TrainConfig,
         lr: f64,
@@ -150,14 +152,13 @@ impl<B: Backend> AdamW<B> {
                 grad_scale,
                 step: self.step,
             };
-            be.adamw(
-                &mut params[i],
-                &grads[i],
-                &mut self.m[k],
-                &mut self.v[k],
-                spec.numel(),
-                hp,
-            )?;
+            let (m, v) = (&mut self.m[k], &mut self.v[k]);
+            match working.get_mut(i).and_then(Option::as_mut) {
+                Some(w) => {
+                    be.adamw_with_copy(&mut params[i], &grads[i], m, v, w, spec.numel(), hp)?
+                }
+                None => be.adamw(&mut params[i], &grads[i], m, v, spec.numel(), hp)?,
+            }
         }
         Ok(())
     }

@@ -513,7 +513,22 @@ impl Backend for CudaBackend {
     ) -> Result<(), BackendError> {
         const OP: &str = "adamw";
         let (p, g) = (param.f32_mut(OP)?, grad.f32(OP)?);
-        ops::adamw::step(self, p, g, m.f32_mut(OP)?, v.f32_mut(OP)?, n, hp)
+        ops::adamw::step(self, p, g, m.f32_mut(OP)?, v.f32_mut(OP)?, None, n, hp)
+    }
+    fn adamw_with_copy(
+        &self,
+        param: &mut Self::Buf,
+        grad: &Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+        working: &mut Self::Buf,
+        n: usize,
+        hp: AdamWStep,
+    ) -> Result<(), BackendError> {
+        const OP: &str = "adamw";
+        let (p, g) = (param.f32_mut(OP)?, grad.f32(OP)?);
+        let (m, v) = (m.f32_mut(OP)?, v.f32_mut(OP)?);
+        ops::adamw::step(self, p, g, m, v, Some(working), n, hp)
     }
 }
 

@@ -207,8 +207,8 @@ pub fn run_steps<B: Backend>(
         } else {
             1.0
         };
-        let (params, grads) = model.params_mut_and_grads();
-        opt.update(be, &layout, params, grads, tc, tc.lr, clip as f32)?;
+        let (params, working, grads) = model.update_view();
+        opt.update(be, &layout, params, working, grads, tc, tc.lr, clip as f32)?;
         be.synchronize()?;
         let t2 = Instant::now();
         sample(&mut peak)?;

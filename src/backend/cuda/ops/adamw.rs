@@ -4,7 +4,7 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::elementwise::grid_stride;
 use super::need;
-use crate::backend::cuda::{drv, launch, CudaBackend};
+use crate::backend::cuda::{drv, launch, CudaBackend, CudaBuf};
 use crate::backend::{AdamWStep, BackendError};
 
 /// Threads per block of `sum_squares_partial`.
@@ -67,17 +67,23 @@ pub fn sum_squares(
     Ok(sum)
 }
 
-/// One AdamW update of `n` elements of param, m, v (in place) from grad.
+/// One AdamW update of `n` elements of param, m, v (in place) from grad; with `working`, the
+/// new param is also stored there (rounded to its precision) by the same kernel.
+#[allow(clippy::too_many_arguments)]
 pub fn step(
     be: &CudaBackend,
     param: &mut CudaSlice<f32>,
     grad: &CudaSlice<f32>,
     m: &mut CudaSlice<f32>,
     v: &mut CudaSlice<f32>,
+    working: Option<&mut CudaBuf>,
     n: usize,
     hp: AdamWStep,
 ) -> Result<(), BackendError> {
     const OP: &str = "adamw";
+    if let Some(w) = working.as_ref() {
+        need(OP, "working [n]", w.len(), n)?;
+    }
     need(OP, "param [n]", param.len(), n)?;
     need(OP, "grad [n]", grad.len(), n)?;
     need(OP, "m [n]", m.len(), n)?;
@@ -105,9 +111,19 @@ pub fn step(
         grad_scale,
         ..
     } = hp;
-    // Checked: param, grad, m, v hold n; the kernel touches i < n.
-    launch(be, "adamw_step", grid_stride(n), |a| {
-        a.arg(param).arg(grad).arg(m).arg(v).arg(&n64);
+    let tw = working.map(|w| be.ten(w));
+    let name = if tw.is_some() {
+        "adamw_step_copy"
+    } else {
+        "adamw_step"
+    };
+    // Checked: param, grad, m, v (and working) hold n; the kernel touches i < n.
+    launch(be, name, grid_stride(n), |a| {
+        a.arg(param).arg(grad).arg(m).arg(v);
+        if let Some(tw) = &tw {
+            a.arg(tw);
+        }
+        a.arg(&n64);
         a.arg(&lr).arg(&beta1).arg(&beta2).arg(&eps);
         a.arg(&weight_decay).arg(&grad_scale).arg(&bc1).arg(&bc2);
     })

@@ -159,6 +159,13 @@ pub struct Llama<B: Backend> {
 /// tensors `from..` are final.
 pub type GradsReady<'a, B, E> = dyn FnMut(&mut [<B as Backend>::Buf], usize) -> Result<(), E> + 'a;
 
+/// [`Llama::update_view`]: master weights, working copies, gradients.
+pub type UpdateView<'a, B> = (
+    &'a mut [<B as Backend>::Buf],
+    &'a mut [Option<<B as Backend>::Buf>],
+    &'a [<B as Backend>::Buf],
+);
+
 /// The buffer a GEMM reads for parameter `i`: its working copy, else the master (a free
 /// function, so it borrows only these two fields).
 fn gemm_weight<'a, B: Backend>(
@@ -326,7 +333,7 @@ impl<B: Backend> Llama<B> {
     /// working copy of every parameter it changes (`Backend::adamw_with_copy` does); a caller
     /// that changes weights any other way afterwards uses [`Llama::params_mut`], which marks
     /// every working copy stale again.
-    pub fn update_view(&mut self) -> (&mut [B::Buf], &mut [Option<B::Buf>], &[B::Buf]) {
+    pub fn update_view(&mut self) -> UpdateView<'_, B> {
         self.working_stale = false;
         (&mut self.params, &mut self.working, &self.grads)
     }

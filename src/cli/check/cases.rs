@@ -1,0 +1,418 @@
+//! The op cases: one `c.case(..)` entry per op and direction, grouped by family.
+
+use rand::Rng;
+
+use super::harness::{cu_of, positions_of, ragged_lengths, CaseError, CaseRun, Cases};
+use super::model_case::model_case;
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{AdamWStep, AttnDims, Backend};
+use crate::model::rope_inv_freq;
+use crate::packing::IGNORE_INDEX;
+
+/// Op-level shapes: C, V, F and the packed batch of the op cases.
+const C: usize = 256;
+const V: usize = 1000;
+const F: usize = 688;
+const OP_DOCS: usize = 12;
+const OP_TOKENS: usize = 1100;
+
+/// Every case on backend `be`, inputs from `seed`.
+pub fn op_cases<B: Backend>(be: &B, seed: u64, only: Option<&str>) -> Vec<CaseRun> {
+    let mut c = Cases {
+        be,
+        seed,
+        only,
+        runs: Vec::new(),
+        act: false,
+    };
+    op_list(&mut c);
+    c.act = true;
+    op_list(&mut c);
+    c.runs
+}
+
+/// Every case; run once with full-precision buffers and once with activation-kind buffers
+/// from `alloc_act` (see [`Io::input`] and [`Io::full`]).
+fn op_list<B: Backend>(c: &mut Cases<B>) {
+    // ------------------------------------------------------------ memory
+    c.case("copy", "memory", |io| {
+        let n = 4099;
+        let x = io.randn(n, 1.0);
+        // Full precision into activation kind: a conversion in the second pass.
+        let xb = io.full(&x)?;
+        let mut out = io.poisoned(n)?;
+        io.be.copy(&mut out, &xb, n)?;
+        io.output("dst", &out, n)
+    });
+    c.case("zero", "memory", |io| {
+        let n = 4099;
+        let x = io.randn(n, 1.0);
+        let mut b = io.input(&x)?;
+        io.be.zero(&mut b, n)?;
+        io.output("buf", &b, n)
+    });
+
+    // ------------------------------------------------------------ embedding
+    c.case("embedding_forward", "embedding", |io| {
+        let t = OP_TOKENS + 7;
+        let wte = io.randn(V * C, 1.0);
+        let tokens: Vec<i32> = (0..t).map(|_| io.rng.random_range(0..V as i32)).collect();
+        let (w, tok) = (io.full(&wte)?, io.input_idx(&tokens)?);
+        let mut out = io.poisoned(t * C)?;
+        io.be.embedding_forward(&mut out, &tok, &w, t, C)?;
+        io.output("out", &out, t * C)
+    });
+    c.case("embedding_backward", "embedding", |io| {
+        let t = OP_TOKENS + 7;
+        // Half the tokens from a few ids: many rows add into the same dwte row.
+        let tokens: Vec<i32> = (0..t)
+            .map(|i| {
+                let hi = if i % 2 == 0 { 8 } else { V as i32 };
+                io.rng.random_range(0..hi)
+            })
+            .collect();
+        let dout = io.randn(t * C, 1.0);
+        let dwte0 = io.randn(V * C, 1.0);
+        let (tok, d) = (io.input_idx(&tokens)?, io.input(&dout)?);
+        let mut dwte = io.full(&dwte0)?;
+        io.be.embedding_backward(&mut dwte, &d, &tok, t, C)?;
+        io.output("dwte (+=)", &dwte, V * C)
+    });
+
+    // ------------------------------------------------------------ rmsnorm
+    let t = OP_TOKENS + 3;
+    // C = 256 takes the CUDA `_vec8` row kernels (C % 8 == 0), C + 4 the scalar ones.
+    for cc in [C, C + 4] {
+        let tag = if cc == C { "" } else { "[C%8!=0]" };
+        c.case(format!("rmsnorm_forward{tag}"), "rmsnorm", |io| {
+            let x = io.randn(t * cc, 2.0);
+            let w = io.uniform(cc, 0.5, 1.5);
+            let (xb, wb) = (io.input(&x)?, io.full(&w)?);
+            let (mut out, mut rstd) = (io.poisoned(t * cc)?, io.poisoned_full(t)?);
+            io.be
+                .rmsnorm_forward(&mut out, &mut rstd, &xb, &wb, t, cc, 1e-5)?;
+            io.output("out", &out, t * cc)?;
+            io.output("rstd", &rstd, t)
+        });
+        c.case(format!("add_rmsnorm_forward{tag}"), "rmsnorm", |io| {
+            let (acc0, x) = (io.randn(t * cc, 1.5), io.randn(t * cc, 1.5));
+            let w = io.uniform(cc, 0.5, 1.5);
+            let (mut acc, xb, wb) = (io.input(&acc0)?, io.input(&x)?, io.full(&w)?);
+            let (mut out, mut rstd) = (io.poisoned(t * cc)?, io.poisoned_full(t)?);
+            io.be
+                .add_rmsnorm_forward(&mut out, &mut rstd, &mut acc, &xb, &wb, t, cc, 1e-5)?;
+            io.output("acc (+=)", &acc, t * cc)?;
+            io.output("out", &out, t * cc)?;
+            io.output("rstd", &rstd, t)
+        });
+        c.case(format!("rmsnorm_backward{tag}"), "rmsnorm", |io| {
+            let x = io.randn(t * cc, 2.0);
+            let w = io.uniform(cc, 0.5, 1.5);
+            let dout = io.randn(t * cc, 1.0);
+            let rstd: Vec<f32> = x
+                .chunks(cc)
+                .map(|r| {
+                    let ms = r.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / cc as f64;
+                    (1.0 / (ms + 1e-5).sqrt()) as f32
+                })
+                .collect();
+            let (dx0, dw0) = (io.randn(t * cc, 1.0), io.randn(cc, 1.0));
+            let (xb, wb, db, rb) = (
+                io.input(&x)?,
+                io.full(&w)?,
+                io.input(&dout)?,
+                io.full(&rstd)?,
+            );
+            // dx is the model's dres: full precision.
+            let (mut dx, mut dw) = (io.full(&dx0)?, io.full(&dw0)?);
+            io.be
+                .rmsnorm_backward(&mut dx, &mut dw, &db, &xb, &wb, &rb, t, cc)?;
+            io.output("dx (+=)", &dx, t * cc)?;
+            io.output("dweight (+=)", &dw, cc)
+        });
+    }
+
+    // ------------------------------------------------------------ matmul
+    for (tag, ic, oc, bias) in [
+        ("", C, 3 * C / 2, false),
+        ("[bias]", C, 3 * C / 2, true),
+        ("[odd]", 100, 333, true),
+    ] {
+        let t = OP_TOKENS + 1;
+        c.case(format!("matmul_forward{tag}"), "matmul", |io| {
+            let x = io.randn(t * ic, 1.0);
+            let w = io.randn(oc * ic, 0.1);
+            let b = io.randn(oc, 1.0);
+            let (xb, wb, bb) = (io.input(&x)?, io.input(&w)?, io.full(&b)?);
+            let mut out = io.poisoned(t * oc)?;
+            io.be
+                .matmul_forward(&mut out, &xb, &wb, bias.then_some(&bb), t, ic, oc)?;
+            io.output("out", &out, t * oc)
+        });
+        c.case(format!("matmul_backward{tag}"), "matmul", |io| {
+            let x = io.randn(t * ic, 1.0);
+            let w = io.randn(oc * ic, 0.1);
+            let dout = io.randn(t * oc, 1.0);
+            let (dx0, dw0, db0) = (
+                io.randn(t * ic, 0.1),
+                io.randn(oc * ic, 1.0),
+                io.randn(oc, 1.0),
+            );
+            let (xb, wb, dob) = (io.input(&x)?, io.input(&w)?, io.input(&dout)?);
+            let (mut dx, mut dw, mut db) = (io.input(&dx0)?, io.full(&dw0)?, io.full(&db0)?);
+            io.be.matmul_backward(
+                &mut dx,
+                &mut dw,
+                bias.then_some(&mut db),
+                &dob,
+                &xb,
+                &wb,
+                t,
+                ic,
+                oc,
+            )?;
+            io.output("dx (+=)", &dx, t * ic)?;
+            io.output("dw (+=)", &dw, oc * ic)?;
+            if bias {
+                io.output("dbias (+=)", &db, oc)?;
+            }
+            Ok(())
+        });
+    }
+
+    // ------------------------------------------------------------ rope
+    for d in [32usize, 128] {
+        let (h, hkv) = (8usize, 2usize);
+        c.case(format!("rope_forward[D={d}]"), "rope", |io| {
+            let lens = ragged_lengths(&mut io.rng, OP_DOCS, OP_TOKENS, false);
+            let dims = attn_dims(&lens, h, hkv, d);
+            let qkv = io.randn(dims.t * dims.qkv_width(), 1.0);
+            let pos = io.input_idx(&positions_of(&lens))?;
+            let inv = io.full(&rope_inv_freq(10000.0, d))?;
+            let mut b = io.input(&qkv)?;
+            io.be.rope_forward(&mut b, &pos, &inv, dims)?;
+            io.output("qkv", &b, dims.t * dims.qkv_width())
+        });
+        c.case(format!("rope_backward[D={d}]"), "rope", |io| {
+            let lens = ragged_lengths(&mut io.rng, OP_DOCS, OP_TOKENS, false);
+            let dims = attn_dims(&lens, h, hkv, d);
+            let dqkv = io.randn(dims.t * dims.qkv_width(), 1.0);
+            let pos = io.input_idx(&positions_of(&lens))?;
+            let inv = io.full(&rope_inv_freq(500000.0, d))?;
+            let mut b = io.input(&dqkv)?;
+            io.be.rope_backward(&mut b, &pos, &inv, dims)?;
+            io.output("dqkv", &b, dims.t * dims.qkv_width())
+        });
+    }
+
+    // ------------------------------------------------------------ attention
+    // D = 64 and 128 take the CUDA backend's flash kernels (when enabled), GQA included.
+    for (d, h, hkv) in [
+        (32usize, 8usize, 2usize),
+        (64, 8, 8),
+        (64, 8, 2),
+        (128, 4, 1),
+    ] {
+        c.case(
+            format!("attention_forward[D={d},H={h},Hkv={hkv}]"),
+            "attention",
+            |io| {
+                let lens = ragged_lengths(&mut io.rng, OP_DOCS, OP_TOKENS, true);
+                let dims = attn_dims(&lens, h, hkv, d);
+                let qkv = io.randn(dims.t * dims.qkv_width(), 1.0);
+                let (qb, cu) = (io.input(&qkv)?, io.input_idx(&cu_of(&lens))?);
+                let (mut out, mut lse) =
+                    (io.poisoned(dims.t * h * d)?, io.poisoned_full(h * dims.t)?);
+                io.be
+                    .attention_forward(&mut out, &mut lse, &qb, &cu, dims)?;
+                io.output("out", &out, dims.t * h * d)?;
+                io.output("lse", &lse, h * dims.t)
+            },
+        );
+        c.case(
+            format!("attention_backward[D={d},H={h},Hkv={hkv}]"),
+            "attention",
+            |io| {
+                let lens = ragged_lengths(&mut io.rng, OP_DOCS, OP_TOKENS, true);
+                let dims = attn_dims(&lens, h, hkv, d);
+                let qkv = io.randn(dims.t * dims.qkv_width(), 1.0);
+                let dout = io.randn(dims.t * h * d, 1.0);
+                let cu = cu_of(&lens);
+                // out and lse of these inputs, from the reference (the same for both backends).
+                let (out, lse) = reference_attention(&qkv, &cu, dims)?;
+                let (qb, ob, lb, db) = (
+                    io.input(&qkv)?,
+                    io.input(&out)?,
+                    io.full(&lse)?,
+                    io.input(&dout)?,
+                );
+                let cub = io.input_idx(&cu)?;
+                let mut dqkv = io.poisoned(dims.t * dims.qkv_width())?;
+                io.be
+                    .attention_backward(&mut dqkv, &db, &qb, &ob, &lb, &cub, dims)?;
+                io.output("dqkv", &dqkv, dims.t * dims.qkv_width())
+            },
+        );
+    }
+
+    // ------------------------------------------------------------ swiglu, add, scale
+    let t = OP_TOKENS + 5;
+    // F = 688 takes the CUDA `_vec8` kernels (F % 8 == 0), F + 2 the scalar ones.
+    for ff in [F, F + 2] {
+        let tag = if ff == F { "" } else { "[F%8!=0]" };
+        c.case(format!("swiglu_forward{tag}"), "swiglu", |io| {
+            let gu = io.randn(t * 2 * ff, 2.0);
+            let g = io.input(&gu)?;
+            let mut out = io.poisoned(t * ff)?;
+            io.be.swiglu_forward(&mut out, &g, t, ff)?;
+            io.output("out", &out, t * ff)
+        });
+        c.case(format!("swiglu_backward{tag}"), "swiglu", |io| {
+            let gu = io.randn(t * 2 * ff, 2.0);
+            let dout = io.randn(t * ff, 1.0);
+            let (g, d) = (io.input(&gu)?, io.input(&dout)?);
+            let mut dgu = io.poisoned(t * 2 * ff)?;
+            io.be.swiglu_backward(&mut dgu, &d, &g, t, ff)?;
+            io.output("dgate_up", &dgu, t * 2 * ff)
+        });
+    }
+    // n = T C takes the CUDA `_vec8` add (n % 8 == 0), T C + 3 the scalar one.
+    for (tag, n) in [("", t * C), ("[n%8!=0]", t * C + 3)] {
+        c.case(format!("add_inplace{tag}"), "add", |io| {
+            let (a0, x) = (io.randn(n, 1.0), io.randn(n, 1.0));
+            let (mut a, xb) = (io.input(&a0)?, io.input(&x)?);
+            io.be.add_inplace(&mut a, &xb, n)?;
+            io.output("acc (+=)", &a, n)
+        });
+    }
+    c.case("scale", "scale", |io| {
+        let n = t * C + 1;
+        let x = io.randn(n, 1.0);
+        let mut b = io.full(&x)?;
+        io.be.scale(&mut b, n, 0.37)?;
+        io.output("buf", &b, n)
+    });
+
+    // ------------------------------------------------------------ classifier
+    for grads in [false, true] {
+        let name = if grads {
+            "classifier[grads]"
+        } else {
+            "classifier[loss only]"
+        };
+        c.case(name, "classifier", |io| {
+            let t = OP_TOKENS + 9;
+            let x = io.randn(t * C, 1.0);
+            let w = io.randn(V * C, 0.1);
+            // Every 7th target ignored, the last one too (a document end).
+            let targets: Vec<i32> = (0..t)
+                .map(|i| {
+                    if i % 7 == 3 || i + 1 == t {
+                        IGNORE_INDEX
+                    } else {
+                        io.rng.random_range(0..V as i32)
+                    }
+                })
+                .collect();
+            let n_targets = targets.iter().filter(|&&x| x >= 0).count();
+            let (xb, wb, tb) = (io.input(&x)?, io.input(&w)?, io.input_idx(&targets)?);
+            let mut losses = io.poisoned_full(t)?;
+            let scale = 1.0 / n_targets as f32;
+            if grads {
+                let dw0 = io.randn(V * C, 1e-3);
+                let (mut dx, mut dw) = (io.poisoned(t * C)?, io.full(&dw0)?);
+                io.be.classifier(
+                    &mut losses,
+                    Some((&mut dx, &mut dw)),
+                    &xb,
+                    &wb,
+                    &tb,
+                    scale,
+                    t,
+                    C,
+                    V,
+                )?;
+                io.output("losses", &losses, t)?;
+                io.output("dx", &dx, t * C)?;
+                io.output("dw (+=)", &dw, V * C)
+            } else {
+                io.be
+                    .classifier(&mut losses, None, &xb, &wb, &tb, scale, t, C, V)?;
+                io.output("losses", &losses, t)
+            }
+        });
+    }
+
+    // ------------------------------------------------------------ optimizer
+    c.case("sum_squares", "sum_squares", |io| {
+        let sizes = [1usize, 1000, 65_537, 300_001];
+        let data: Vec<Vec<f32>> = sizes.iter().map(|&n| io.randn(n, 0.01)).collect();
+        let bufs = data
+            .iter()
+            .map(|d| io.full(d))
+            .collect::<Result<Vec<_>, _>>()?;
+        let list: Vec<(&B::Buf, usize)> = bufs.iter().zip(sizes).collect();
+        let s = io.be.sum_squares(&list)?;
+        io.output_host("sum", vec![s as f32]);
+        Ok(())
+    });
+    for (tag, step, zero_moments) in [("[step 1]", 1u64, true), ("[step 7]", 7, false)] {
+        c.case(format!("adamw{tag}"), "adamw", |io| {
+            let n = 100_003;
+            let p0 = io.randn(n, 0.02);
+            let g = io.randn(n, 1e-3);
+            let (m0, v0) = if zero_moments {
+                (vec![0.0; n], vec![0.0; n])
+            } else {
+                let m = io.randn(n, 1e-3);
+                let v = io.uniform(n, 1e-8, 1e-6);
+                (m, v)
+            };
+            let (mut p, gb) = (io.full(&p0)?, io.full(&g)?);
+            let (mut m, mut v) = (io.full(&m0)?, io.full(&v0)?);
+            let hp = AdamWStep {
+                lr: 3e-4,
+                beta1: 0.9,
+                beta2: 0.95,
+                eps: 1e-8,
+                weight_decay: 0.1,
+                grad_scale: 0.7,
+                step,
+            };
+            io.be.adamw(&mut p, &gb, &mut m, &mut v, n, hp)?;
+            io.output("param", &p, n)?;
+            io.output("m", &m, n)?;
+            io.output("v", &v, n)
+        });
+    }
+
+    // ------------------------------------------------------------ the whole model
+    c.case("model[forward_backward]", "model", |io| {
+        model_case(io, true)
+    });
+    c.case("model[forward]", "model", |io| model_case(io, false));
+}
+
+fn attn_dims(lens: &[usize], h: usize, hkv: usize, d: usize) -> AttnDims {
+    AttnDims {
+        t: lens.iter().sum(),
+        h,
+        hkv,
+        d,
+        n_docs: lens.len(),
+        max_seqlen: lens.iter().copied().max().unwrap_or(0),
+    }
+}
+
+/// out `[T, H D]` and lse `[H, T]` of the CPU backend.
+fn reference_attention(
+    qkv: &[f32],
+    cu: &[i32],
+    dims: AttnDims,
+) -> Result<(Vec<f32>, Vec<f32>), CaseError> {
+    let cpu = CpuBackend::new();
+    let mut out = vec![0.0; dims.t * dims.h * dims.d];
+    let mut lse = vec![0.0; dims.h * dims.t];
+    cpu.attention_forward(&mut out, &mut lse, &qkv.to_vec(), &cu.to_vec(), dims)?;
+    Ok((out, lse))
+}

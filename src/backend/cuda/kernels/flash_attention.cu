@@ -13,10 +13,15 @@
 //   0..=qt (only the diagonal tile is masked), online softmax in registers (exp2 domain).
 // Backward: item = (document, 64-row key tile kt), per kv head; loops over the G query heads
 //   of that kv head and the query tiles kt.. of the document, so dK, dV accumulate in
-//   registers in a fixed order (deterministic) and are written once; dQ is accumulated in f32
-//   with atomics into dqacc (row stride ldq), which flash_bwd_pre zeroes first: dqkv's q
-//   columns themselves when E is f32, else an f32 [T, H D] scratch that flash_bwd_post rounds
-//   into dqkv's q columns.
+//   registers in a fixed order (deterministic) and are written once. dQ, two ways:
+//   - separate (default): flash_bwd_dkdv skips it, and flash_bwd_dq owns a (document, query
+//     tile, query head) like the forward, loops over the key tiles 0..=qt recomputing S and
+//     dP (two GEMMs more than the atomic way) and writes dQ once: no atomics, deterministic,
+//     no scratch;
+//   - atomic (PACKTRAIN_FLASH_DQ=atomic): flash_bwd also computes dS K for its key tile and
+//     adds it with f32 atomics into dqacc (row stride ldq), which flash_bwd_pre zeroes first:
+//     dqkv's q columns themselves when E is f32, else an f32 [T, H D] scratch that
+//     flash_bwd_post rounds into dqkv's q columns.
 // Tensor cores: mma.sync m16n8k16 bf16 -> f32. 4 warps; each warp owns 16 rows of the tile
 //   (query rows forward, key rows backward).
 
@@ -347,13 +352,13 @@ __device__ __forceinline__ void flash_bwd_pre(float* __restrict__ dqacc, long ld
     const long HD = (long)H * D;
     const E* a = dout + t * HD + (long)h * D;
     const E* b = out + t * HD + (long)h * D;
-    float* dq = dqacc + t * ldq + (long)h * D;
+    float* dq = dqacc ? dqacc + t * ldq + (long)h * D : nullptr;  // null: dQ is not atomic
     float acc = 0.f;
     for (int d = lane * 4; d < D; d += 128) {
         float4 x = fa_f32x4(a + d);
         float4 y = fa_f32x4(b + d);
         acc += x.x * y.x + x.y * y.y + x.z * y.z + x.w * y.w;
-        *reinterpret_cast<float4*>(dq + d) = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (dq) *reinterpret_cast<float4*>(dq + d) = make_float4(0.f, 0.f, 0.f, 0.f);
     }
     acc = warp_sum(acc);
     if (lane == 0) dsum[(long)h * T + t] = acc;
@@ -396,7 +401,7 @@ struct FaBwdCfg {
     static constexpr int QC = 32;
 };
 
-template <int D, typename E>
+template <int D, typename E, bool DQ>
 __device__ __forceinline__ void flash_bwd(E* __restrict__ dqkv, float* __restrict__ dqacc,
                                           long ldq, const E* __restrict__ dout,
                                           const E* __restrict__ qkv,
@@ -412,8 +417,8 @@ __device__ __forceinline__ void flash_bwd(E* __restrict__ dqkv, float* __restric
     unsigned short* sK = fa_smem;
     unsigned short* sV = sK + FA_TILE * S;
     unsigned short* sQ0 = sV + FA_TILE * S;        // NB (Q, dO) tile pairs
-    unsigned short* sP = sQ0 + 2 * NB * FA_TILE * S;  // dS^T [key][query]
-    float* sL0 = reinterpret_cast<float*>(sP + FA_TILE * SP);  // NB lse rows
+    unsigned short* sP = sQ0 + 2 * NB * FA_TILE * S;  // dS^T [key][query] (DQ only)
+    float* sL0 = reinterpret_cast<float*>(sP + (DQ ? FA_TILE * SP : 0));  // NB lse rows
     float* sD0 = sL0 + NB * FA_TILE;                            // NB dsum rows
 
     const int4 it = items[blockIdx.x / Hkv];
@@ -520,11 +525,13 @@ __device__ __forceinline__ void flash_bwd(E* __restrict__ dqkv, float* __restric
                     as[2] = fa_pack(dp[2 * kk + 1][0], dp[2 * kk + 1][1]);
                     as[3] = fa_pack(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
                     const int qb = qc * QC + kk * 16;
-                    unsigned short* prow = sP + (warp * 16 + g) * SP + qb + 2 * tig;
-                    *reinterpret_cast<unsigned*>(prow) = as[0];
-                    *reinterpret_cast<unsigned*>(prow + 8 * SP) = as[1];
-                    *reinterpret_cast<unsigned*>(prow + 8) = as[2];
-                    *reinterpret_cast<unsigned*>(prow + 8 * SP + 8) = as[3];
+                    if (DQ) {
+                        unsigned short* prow = sP + (warp * 16 + g) * SP + qb + 2 * tig;
+                        *reinterpret_cast<unsigned*>(prow) = as[0];
+                        *reinterpret_cast<unsigned*>(prow + 8 * SP) = as[1];
+                        *reinterpret_cast<unsigned*>(prow + 8) = as[2];
+                        *reinterpret_cast<unsigned*>(prow + 8 * SP + 8) = as[3];
+                    }
 #pragma unroll
                     for (int nd = 0; nd < D / 16; ++nd) {
                         unsigned b[4];
@@ -537,6 +544,7 @@ __device__ __forceinline__ void flash_bwd(E* __restrict__ dqkv, float* __restric
                     }
                 }
             }
+            if (!DQ) continue;
             __syncthreads();  // dS^T complete
             // dQ [warp's 16 queries, D] += scale dS K, in chunks of 64 columns.
             const int qa = q0 + warp * 16 + g;
@@ -594,10 +602,161 @@ __device__ __forceinline__ void flash_bwd(E* __restrict__ dqkv, float* __restric
         NAME(E* dqkv, float* dqacc, long long ldq, const E* dout, const E* qkv,               \
              const float* lse, const float* dsum, const int4* items, int T, int H, int Hkv,   \
              float scale, float scale_log2) {                                                 \
-        flash_bwd<D, E>(dqkv, dqacc, ldq, dout, qkv, lse, dsum, items, T, H, Hkv, scale,      \
-                        scale_log2);                                                          \
+        flash_bwd<D, E, DQ>(dqkv, dqacc, ldq, dout, qkv, lse, dsum, items, T, H, Hkv, scale,  \
+                            scale_log2);                                                      \
     }
+#define DQ true
 FA_BWD_ENTRY(flash_bwd_d64, 64, float, 3)
 FA_BWD_ENTRY(flash_bwd_d128, 128, float, 2)
 FA_BWD_ENTRY(flash_bwd_d64_bf16, 64, __nv_bfloat16, 3)
 FA_BWD_ENTRY(flash_bwd_d128_bf16, 128, __nv_bfloat16, 2)
+#undef DQ
+#define DQ false
+FA_BWD_ENTRY(flash_bwd_dkdv_d64, 64, float, 3)
+FA_BWD_ENTRY(flash_bwd_dkdv_d128, 128, float, 2)
+FA_BWD_ENTRY(flash_bwd_dkdv_d64_bf16, 64, __nv_bfloat16, 3)
+FA_BWD_ENTRY(flash_bwd_dkdv_d128_bf16, 128, __nv_bfloat16, 2)
+#undef DQ
+
+// dQ without atomics: one block per (document, 64-row query tile, query head), as the forward;
+// over the key tiles kt = 0..=qt (the same double-buffered K/V pipeline):
+//   S = Q K^T, dP = dO V^T, P = exp2(S scale log2 e - lse log2 e) (causal mask on the diagonal
+//   tile), dS = P (dP - dsum), dQ += dS K;  finally dqkv's q columns = scale dQ.
+template <int D, typename E>
+__device__ __forceinline__ void flash_bwd_dq(E* __restrict__ dqkv, const E* __restrict__ dout,
+                                             const E* __restrict__ qkv,
+                                             const float* __restrict__ lse,
+                                             const float* __restrict__ dsum,
+                                             const int4* __restrict__ items, int T, int H,
+                                             int Hkv, float scale, float scale_log2) {
+    constexpr int S = D + 8;
+    constexpr int NB = FaPipe<D>::FWD;
+    extern __shared__ __align__(16) unsigned short fa_smem[];
+    unsigned short* sQ = fa_smem;
+    unsigned short* sO = sQ + FA_TILE * S;   // dO
+    unsigned short* sKV = sO + FA_TILE * S;  // NB (K, V) tile pairs
+    const int4 it = items[blockIdx.x / H];
+    const int h = blockIdx.x % H;
+    const int start = it.x, L = it.y, qt = it.z;
+    const int hk = h / (H / Hkv);
+    const long W = (long)(H + 2 * Hkv) * D, HD = (long)H * D;
+    const int q0 = qt * FA_TILE;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
+    const E* kb = qkv + (long)start * W + (long)(H + hk) * D;
+    const E* vb = qkv + (long)start * W + (long)(H + Hkv + hk) * D;
+
+    fa_tile_start<D, 8>(sQ, qkv + (long)(start + q0) * W + (long)h * D, W, L - q0);
+    fa_tile_start<D, 8>(sO, dout + (long)(start + q0) * HD + (long)h * D, HD, L - q0);
+    fa_tile_start<D, 8>(sKV, kb, W, L);
+    fa_tile_start<D, 8>(sKV + FA_TILE * S, vb, W, L);
+    fa_async_commit();
+    // This thread's two query rows: q0 + warp 16 + g (+ 8).
+    float lse2[2], dsr[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int q = q0 + warp * 16 + g + r * 8;
+        const long idx = (long)h * T + start + q;
+        lse2[r] = q < L ? lse[idx] * FA_LOG2E : 0.f;
+        dsr[r] = q < L ? dsum[idx] : 0.f;
+    }
+    float dq[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+
+    for (int kt = 0; kt <= qt; ++kt) {
+        const int k0 = kt * FA_TILE;
+        unsigned short* sK = sKV + 2 * (kt % NB) * FA_TILE * S;
+        unsigned short* sV = sK + FA_TILE * S;
+        __syncthreads();  // the buffer about to be refilled is no longer read
+        if (kt < qt && NB == 2) {
+            unsigned short* nK = sKV + 2 * ((kt + 1) % NB) * FA_TILE * S;
+            fa_tile_start<D, 8>(nK, kb + (long)(k0 + FA_TILE) * W, W, L - k0 - FA_TILE);
+            fa_tile_start<D, 8>(nK + FA_TILE * S, vb + (long)(k0 + FA_TILE) * W, W,
+                                L - k0 - FA_TILE);
+            fa_async_commit();
+            fa_async_wait<1>();
+        } else {
+            if (NB == 1 && kt > 0) {
+                fa_tile_start<D, 8>(sK, kb + (long)k0 * W, W, L - k0);
+                fa_tile_start<D, 8>(sV, vb + (long)k0 * W, W, L - k0);
+                fa_async_commit();
+            }
+            fa_async_wait<0>();
+        }
+        __syncthreads();
+
+        // S = Q K^T and dP = dO V^T for the warp's 16 queries x 64 keys.
+        float s[8][4], dp[8][4];
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            unsigned aq[4], ao[4];
+            fa_ldsm(aq, fa_a_addr(sQ, S, warp * 16, kk * 16, lane));
+            fa_ldsm(ao, fa_a_addr(sO, S, warp * 16, kk * 16, lane));
+#pragma unroll
+            for (int nb = 0; nb < 4; ++nb) {
+                unsigned b[4];
+                fa_ldsm(b, fa_b_addr(sK, S, nb * 16, kk * 16, lane));
+                fa_mma(s[2 * nb], aq, b);
+                fa_mma(s[2 * nb + 1], aq, b + 2);
+                fa_ldsm(b, fa_b_addr(sV, S, nb * 16, kk * 16, lane));
+                fa_mma(dp[2 * nb], ao, b);
+                fa_mma(dp[2 * nb + 1], ao, b + 2);
+            }
+        }
+        const bool diag = kt == qt;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int q = q0 + warp * 16 + g + r * 8;
+#pragma unroll
+            for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int key = k0 + nb * 8 + 2 * tig + e;
+                    float p = exp2f(s[nb][2 * r + e] * scale_log2 - lse2[r]);
+                    if ((diag && key > q) || q >= L) p = 0.f;
+                    s[nb][2 * r + e] = p * (dp[nb][2 * r + e] - dsr[r]);  // dS
+                }
+        }
+        // dQ += dS K: dS (C fragments of two n-blocks) is the A fragment of one k-step.
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+            unsigned a[4];
+            a[0] = fa_pack(s[2 * kk][0], s[2 * kk][1]);
+            a[1] = fa_pack(s[2 * kk][2], s[2 * kk][3]);
+            a[2] = fa_pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            a[3] = fa_pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+            for (int nd = 0; nd < D / 16; ++nd) {
+                unsigned b[4];
+                fa_ldsm_t(b, fa_a_addr(sK, S, kk * 16, nd * 16, lane));
+                fa_mma(dq[2 * nd], a, b);
+                fa_mma(dq[2 * nd + 1], a, b + 2);
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int q = q0 + warp * 16 + g + r * 8;
+        if (q < L) {
+            E* row = dqkv + (long)(start + q) * W + (long)h * D + 2 * tig;
+#pragma unroll
+            for (int i = 0; i < D / 8; ++i)
+                fa_st2(row + i * 8, dq[i][2 * r] * scale, dq[i][2 * r + 1] * scale);
+        }
+    }
+}
+
+#define FA_DQ_ENTRY(NAME, D, E, MINB)                                                         \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS, MINB)                            \
+        NAME(E* dqkv, const E* dout, const E* qkv, const float* lse, const float* dsum,        \
+             const int4* items, int T, int H, int Hkv, float scale, float scale_log2) {        \
+        flash_bwd_dq<D, E>(dqkv, dout, qkv, lse, dsum, items, T, H, Hkv, scale, scale_log2);  \
+    }
+FA_DQ_ENTRY(flash_bwd_dq_d64, 64, float, 3)
+FA_DQ_ENTRY(flash_bwd_dq_d128, 128, float, 2)
+FA_DQ_ENTRY(flash_bwd_dq_d64_bf16, 64, __nv_bfloat16, 3)
+FA_DQ_ENTRY(flash_bwd_dq_d128_bf16, 128, __nv_bfloat16, 2)

@@ -105,18 +105,54 @@ pub fn native(tensors: &[&CudaBuf], lse: &CudaBuf) -> bool {
     lse.dtype() == DType::F32 && tensors.windows(2).all(|w| w[0].dtype() == w[1].dtype())
 }
 
-/// The kernel for head dim `d` (64 or 128) and element type `e`.
-fn entry(forward: bool, d: usize, e: DType) -> &'static str {
-    match (forward, d == 64, e) {
-        (true, true, DType::F32) => "flash_fwd_d64",
-        (true, false, DType::F32) => "flash_fwd_d128",
-        (true, true, DType::Bf16) => "flash_fwd_d64_bf16",
-        (true, false, DType::Bf16) => "flash_fwd_d128_bf16",
-        (false, true, DType::F32) => "flash_bwd_d64",
-        (false, false, DType::F32) => "flash_bwd_d128",
-        (false, true, DType::Bf16) => "flash_bwd_d64_bf16",
-        (false, false, DType::Bf16) => "flash_bwd_d128_bf16",
-    }
+/// The flash kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    Forward,
+    /// dK, dV and dQ by atomics.
+    Backward,
+    /// dK, dV only.
+    BackwardDkDv,
+    /// dQ only, no atomics.
+    BackwardDq,
+}
+
+/// The entry point of `k` for head dim `d` (64 or 128) and element type `e`.
+fn entry(k: Kernel, d: usize, e: DType) -> &'static str {
+    let names: [&'static str; 4] = match k {
+        Kernel::Forward => [
+            "flash_fwd_d64",
+            "flash_fwd_d128",
+            "flash_fwd_d64_bf16",
+            "flash_fwd_d128_bf16",
+        ],
+        Kernel::Backward => [
+            "flash_bwd_d64",
+            "flash_bwd_d128",
+            "flash_bwd_d64_bf16",
+            "flash_bwd_d128_bf16",
+        ],
+        Kernel::BackwardDkDv => [
+            "flash_bwd_dkdv_d64",
+            "flash_bwd_dkdv_d128",
+            "flash_bwd_dkdv_d64_bf16",
+            "flash_bwd_dkdv_d128_bf16",
+        ],
+        Kernel::BackwardDq => [
+            "flash_bwd_dq_d64",
+            "flash_bwd_dq_d128",
+            "flash_bwd_dq_d64_bf16",
+            "flash_bwd_dq_d128_bf16",
+        ],
+    };
+    names[usize::from(d != 64) + 2 * usize::from(e == DType::Bf16)]
+}
+
+/// How the backward computes dQ: `PACKTRAIN_FLASH_DQ=atomic` adds each key tile's share with
+/// f32 atomics inside the dK/dV kernel; otherwise (the default) a second kernel owns each query
+/// tile and writes dQ once (no atomics, deterministic).
+fn dq_atomic() -> bool {
+    std::env::var("PACKTRAIN_FLASH_DQ").as_deref() == Ok("atomic")
 }
 
 /// Work items `[start, len, tile, 0]` flattened, longest work first. `work(len, tile)` is a
@@ -157,10 +193,17 @@ fn shared_bytes_fwd(d: usize) -> usize {
     (1 + 2 * pipeline_buffers(d)) * TILE * (d + 8) * 2
 }
 
-/// K, V, the Q, dO tile pairs, dS^T (rows of 64 + 8), and lse, dsum rows (f32) per buffer.
-fn shared_bytes_bwd(d: usize) -> usize {
+/// K, V, the Q, dO tile pairs, dS^T (rows of 64 + 8; only when dQ is atomic), and lse, dsum
+/// rows (f32) per buffer.
+fn shared_bytes_bwd(d: usize, with_dq: bool) -> usize {
     let nb = pipeline_buffers(d);
-    (2 + 2 * nb) * TILE * (d + 8) * 2 + TILE * (TILE + 8) * 2 + 2 * nb * TILE * 4
+    let ds = if with_dq { TILE * (TILE + 8) * 2 } else { 0 };
+    (2 + 2 * nb) * TILE * (d + 8) * 2 + ds + 2 * nb * TILE * 4
+}
+
+/// The dQ kernel: Q, dO, then the K, V tile pairs.
+fn shared_bytes_dq(d: usize) -> usize {
+    (2 + 2 * pipeline_buffers(d)) * TILE * (d + 8) * 2
 }
 
 fn shape(op: &'static str, message: String) -> BackendError {
@@ -254,7 +297,7 @@ pub fn forward(
     }
     let n_items = list.len() / 4;
     let items_g = upload_items(be, &list, OP)?;
-    let name = entry(true, d, qkv.dtype());
+    let name = entry(Kernel::Forward, d, qkv.dtype());
     let smem = shared_bytes_fwd(d);
     set_smem(be, name, smem, OP)?;
     let cfg = LaunchConfig {
@@ -307,16 +350,21 @@ pub fn backward(
     let items_g = upload_items(be, &list, OP)?;
     let (t32, h32, hkv32, d32) = (t as i32, h as i32, hkv as i32, d as i32);
     let e = qkv.dtype();
-    // dQ accumulates in f32 with atomics: into dqkv's q columns (row stride W) when it is
-    // f32, else into an f32 [T, H D] scratch rounded into dqkv by flash_bwd_post_bf16.
-    let dq_scratch = match e {
-        DType::F32 => None,
-        // SAFETY: flash_bwd_pre zeroes every element before the main kernel adds into it.
-        DType::Bf16 => Some(unsafe { be.stream.alloc::<f32>(t * h * d) }.map_err(drv(OP))?),
+    let atomic = dq_atomic();
+    // Atomic dQ accumulates in f32: into dqkv's q columns (row stride W) when it is f32, else
+    // into an f32 [T, H D] scratch rounded into dqkv by flash_bwd_post_bf16. A null dqacc
+    // tells flash_bwd_pre there is nothing to zero.
+    let dq_scratch = match (atomic, e) {
+        (true, DType::Bf16) => {
+            // SAFETY: flash_bwd_pre zeroes every element before the main kernel adds into it.
+            Some(unsafe { be.stream.alloc::<f32>(t * h * d) }.map_err(drv(OP))?)
+        }
+        _ => None,
     };
-    let (pdqacc, ldq) = match &dq_scratch {
-        Some(s) => (be.ptr(s), (h * d) as i64),
-        None => (be.raw(dqkv), w as i64),
+    let (pdqacc, ldq) = match (&dq_scratch, atomic) {
+        (Some(s), _) => (be.ptr(s), (h * d) as i64),
+        (None, true) => (be.raw(dqkv), w as i64),
+        (None, false) => (0, 0),
     };
     let (pdqkv, pdo, pq, po, pl) = (
         be.raw(dqkv),
@@ -352,8 +400,16 @@ pub fn backward(
             .arg(&h32)
             .arg(&d32);
     })?;
-    let name = entry(false, d, e);
-    let smem = shared_bytes_bwd(d);
+    let name = entry(
+        if atomic {
+            Kernel::Backward
+        } else {
+            Kernel::BackwardDkDv
+        },
+        d,
+        e,
+    );
+    let smem = shared_bytes_bwd(d, atomic);
     set_smem(be, name, smem, OP)?;
     let cfg = LaunchConfig {
         grid_dim: (blocks(n_items, hkv, OP)?, 1, 1),
@@ -392,6 +448,32 @@ pub fn backward(
                     .arg(&d32);
             },
         )?;
+    }
+    if !atomic {
+        let list = fwd_items(&cu_seqlens.host[..=dims.n_docs]);
+        let n_items = list.len() / 4;
+        let items_q = upload_items(be, &list, OP)?;
+        let name = entry(Kernel::BackwardDq, d, e);
+        let smem = shared_bytes_dq(d);
+        set_smem(be, name, smem, OP)?;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks(n_items, h, OP)?, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        launch(be, name, cfg, |a| {
+            a.arg(&pdqkv)
+                .arg(&pdo)
+                .arg(&pq)
+                .arg(&pl)
+                .arg(&dsum)
+                .arg(&items_q)
+                .arg(&t32)
+                .arg(&h32)
+                .arg(&hkv32)
+                .arg(&scale)
+                .arg(&scale_log2);
+        })?;
     }
     // dq_scratch is freed stream-ordered after the kernels that use it.
     drop(dq_scratch);
@@ -434,8 +516,13 @@ mod tests {
     fn shared_memory_fits_hopper_and_ampere() {
         for d in [64, 128] {
             assert!(shared_bytes_fwd(d) <= 99 * 1024);
-            assert!(shared_bytes_bwd(d) <= 99 * 1024);
+            assert!(shared_bytes_bwd(d, true) <= 99 * 1024);
+            assert!(shared_bytes_bwd(d, false) <= 99 * 1024);
+            assert!(shared_bytes_dq(d) <= 99 * 1024);
         }
-        assert_eq!(shared_bytes_bwd(128), 79360);
+        assert_eq!(shared_bytes_bwd(128, true), 79360);
+        // D = 64 at three blocks per SM (227 KB of shared memory on Hopper).
+        assert!(3 * (shared_bytes_bwd(64, true) + 1024) <= 227 * 1024);
+        assert!(3 * (shared_bytes_dq(64) + 1024) <= 227 * 1024);
     }
 }

@@ -216,7 +216,7 @@ fn assert_matches(run_dir: &Path, c: &Config, want: &Reference, moments: bool) {
     for (i, (a, b)) in got.iter().zip(&want.losses).enumerate() {
         assert!(
             (a - b).abs() <= 1e-5 * b.abs(),
-            "step {}: loss {a} with 2 ranks, {b} in one process",
+            "step {}: loss {a} with several ranks, {b} in one process",
             i + 1
         );
     }
@@ -281,6 +281,40 @@ fn two_ranks_through_local_sh_match_one_process() {
     assert!(out.status.success(), "{}\n{stderr}", out.status);
     assert!(stderr.contains("TCP communicator"), "{stderr}");
     assert_matches(&run, &c, &want, false);
+}
+
+/// The 8-rank config: enough documents for several steps of 8 bins.
+fn eight_rank_config(dir: &Path) -> Config {
+    let mut c = two_rank_config(dir);
+    c.data.synthetic.num_docs = 600;
+    c.train.epochs = 1;
+    c
+}
+
+/// Issue 8's correctness check on CPU ranks: 8 ranks (launch/local.sh 8, ZeRO-1 on, so each
+/// rank owns the AdamW state of an eighth of the tensors) train the loss curve, the weights and
+/// the moments of one process replaying the 8-rank plan.
+#[test]
+fn eight_ranks_with_zero1_through_local_sh_match_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = eight_rank_config(dir.path());
+    c.dist.zero1 = true;
+    let want = reference(&c, 8);
+    assert!(want.losses.len() >= 5, "{} steps", want.losses.len());
+    let cfg = write_config(dir.path(), &c);
+    let run = dir.path().join("run");
+    let out = clean(&mut Command::new("bash"))
+        .arg(LOCAL_SH)
+        .arg("8")
+        .arg(&cfg)
+        .args(["--quiet", "--out"])
+        .arg(&run)
+        .env("PACKTRAIN_BIN", BIN)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}\n{stderr}", out.status);
+    assert_matches(&run, &c, &want, true);
 }
 
 /// The same with ZeRO-1 (each rank keeps the moments of half the tensors): the checkpoint
@@ -598,6 +632,31 @@ mod mpi {
             assert!(stderr.contains("MPI communicator"), "{stderr}");
             assert_matches(&run, &c, &want, zero1);
         }
+    }
+
+    /// `mpirun -np 8` (oversubscribed on CI's two cores): the loss curve and the weights of one
+    /// process replaying the 8-rank plan (issue 8's correctness check on CPU ranks).
+    #[test]
+    fn mpi_eight_ranks_through_mpirun_sh_match_one_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = eight_rank_config(dir.path());
+        let want = reference(&c, 8);
+        let cfg = write_config(dir.path(), &c);
+        let run = dir.path().join("run");
+        let out = clean(&mut Command::new("bash"))
+            .arg(MPIRUN_SH)
+            .arg("8")
+            .arg(&cfg)
+            .args(["--quiet", "--out"])
+            .arg(&run)
+            .env("PACKTRAIN_BIN", BIN)
+            .env("MPIRUN_ARGS", "--oversubscribe")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{}\n{stderr}", out.status);
+        assert!(stderr.contains("MPI communicator"), "{stderr}");
+        assert_matches(&run, &c, &want, false);
     }
 
     /// The pid of the process whose environment has all of `vars`.

@@ -1,7 +1,9 @@
 //! NVRTC: compile each `kernels/*.cu` for the device's architecture, cached on disk.
 //!
-//! The cache key is a hash of the source, the architecture and the options, so an edited
-//! kernel or another GPU compiles afresh and nothing stale is ever loaded. Compiling needs only
+//! What NVRTC compiles for a file is `common.cuh`, then the file's own headers (see [`kernel!`]:
+//! `flash_common.cuh` for the `flash_*.cu` pair), then the file. The cache key is a hash of that
+//! whole pasted text, the architecture and the options, so an edited kernel or header or another
+//! GPU compiles afresh and nothing stale is ever loaded. Compiling needs only
 //! the NVRTC library and the CUDA headers (no GPU), which is how CI checks every kernel.
 
 use std::path::{Path, PathBuf};
@@ -10,19 +12,27 @@ use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
 
 use super::CudaError;
 
-/// One kernel file: its name (for errors), its source.
+/// One kernel file: its name (for errors), its source, and the headers pasted in front of it.
 #[derive(Debug, Clone, Copy)]
 pub struct KernelSource {
     pub file: &'static str,
     pub source: &'static str,
+    /// Other `.cuh` entries of [`SOURCES`] pasted, in order, after `common.cuh` and before this
+    /// file (which sees them as if it had included them).
+    pub headers: &'static [&'static str],
 }
 
-/// One entry of [`SOURCES`]: the file name and its text, embedded at build time.
+/// One entry of [`SOURCES`]: the file name and its text, embedded at build time, and after
+/// `=>` the headers (entries of [`SOURCES`] too) it needs besides `common.cuh`.
 macro_rules! kernel {
     ($file:literal) => {
+        kernel!($file => [])
+    };
+    ($file:literal => [$($header:literal),* $(,)?]) => {
         KernelSource {
             file: $file,
             source: include_str!(concat!("kernels/", $file)),
+            headers: &[$($header),*],
         }
     };
 }
@@ -37,7 +47,9 @@ pub const SOURCES: &[KernelSource] = &[
     kernel!("elementwise.cu"),
     kernel!("adamw.cu"),
     kernel!("attention.cu"),
-    kernel!("flash_attention.cu"),
+    kernel!("flash_common.cuh"),
+    kernel!("flash_forward.cu" => ["flash_common.cuh"]),
+    kernel!("flash_backward.cu" => ["flash_common.cuh"]),
     kernel!("classifier.cu"),
 ];
 
@@ -84,17 +96,26 @@ pub fn arch_name(major: i32, minor: i32) -> Result<&'static str, CudaError> {
     })
 }
 
-/// The source NVRTC sees: the shared header pasted in front of the file, so each module
-/// compiles on its own without a file-system include of our own headers.
-fn full_source(file: &KernelSource) -> String {
-    let common = SOURCES
-        .iter()
-        .find(|s| s.file == "common.cuh")
-        .map_or("", |s| s.source);
+/// The source NVRTC sees: `common.cuh`, then the file's own headers, then the file, so each
+/// module compiles on its own without a file-system include of our own headers. Each pasted
+/// header and the file restart the line count under their own name, so NVRTC's errors point
+/// into the right file.
+fn full_source(file: &KernelSource) -> Result<String, CudaError> {
+    let find = |name: &str| SOURCES.iter().find(|s| s.file == name);
+    let common = find("common.cuh").map_or("", |s| s.source);
     if file.file == "common.cuh" {
-        return String::new();
+        return Ok(String::new());
     }
-    format!("{common}\n#line 1 \"{}\"\n{}", file.file, file.source)
+    let mut src = format!("{common}\n");
+    for &name in file.headers {
+        let header = find(name).ok_or_else(|| CudaError::Compile {
+            file: file.file,
+            log: format!("header {name} is not in compile::SOURCES"),
+        })?;
+        src.push_str(&format!("#line 1 \"{name}\"\n{}\n", header.source));
+    }
+    src.push_str(&format!("#line 1 \"{}\"\n{}", file.file, file.source));
+    Ok(src)
 }
 
 /// Compile one kernel file to PTX for `arch`, through the disk cache.
@@ -103,7 +124,7 @@ pub fn compile(file: &KernelSource, arch: &'static str) -> Result<Ptx, CudaError
         what: "the CUDA headers (cuda_bf16.h)".into(),
         hint: "set CUDA_HOME to the CUDA toolkit (its include/ is needed by NVRTC)".into(),
     })?;
-    let src = full_source(file);
+    let src = full_source(file)?;
     let options = ["--std=c++17", "--use_fast_math=false"];
     let key = xxhash_rust::xxh3::xxh3_128(format!("{arch}\0{options:?}\0{src}").as_bytes());
     let cached = cache_dir().join(format!(
@@ -170,6 +191,39 @@ mod tests {
                 file.file
             );
         }
+    }
+
+    /// Every named header exists, and is pasted after common.cuh and before the file.
+    #[test]
+    fn headers_are_pasted_in_order() {
+        for file in SOURCES.iter().filter(|f| f.file.ends_with(".cu")) {
+            let src = full_source(file).unwrap_or_else(|e| panic!("{e}"));
+            let mut at = src.find("#pragma once").expect("common.cuh first");
+            for name in file.headers.iter().chain([&file.file]) {
+                let pos = src[at..]
+                    .find(&format!("#line 1 \"{name}\""))
+                    .unwrap_or_else(|| panic!("{name} not pasted (in order) for {}", file.file));
+                at += pos;
+            }
+        }
+        let flash = SOURCES
+            .iter()
+            .find(|f| f.file == "flash_forward.cu")
+            .unwrap();
+        assert!(full_source(flash).unwrap().contains("struct FaPipe"));
+    }
+
+    #[test]
+    fn a_missing_header_is_an_error() {
+        let file = KernelSource {
+            file: "x.cu",
+            source: "",
+            headers: &["nope.cuh"],
+        };
+        assert!(full_source(&file)
+            .unwrap_err()
+            .to_string()
+            .contains("nope.cuh"));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Varlen causal flash attention (FlashAttention-2 style) for head dims 64 and 128:
-//! `kernels/flash_attention.cu`, bf16 tensor-core MMAs (`mma.sync m16n8k16`) with f32
+//! `kernels/flash_forward.cu` and `kernels/flash_backward.cu` (their shared helpers in
+//! `kernels/flash_common.cuh`), bf16 tensor-core MMAs (`mma.sync m16n8k16`) with f32
 //! accumulation, never materialising the scores. qkv, out, dout and dqkv are all f32 or all
 //! bf16 (the kernels' two entry points); lse is f32 ([`native`] says whether a set of buffers
 //! fits, else `attention.rs` stages them).

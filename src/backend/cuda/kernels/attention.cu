@@ -1,4 +1,4 @@
-// Varlen causal attention with GQA: the non-GEMM parts (see ops/attention.rs for the GEMMs).
+// Varlen causal attention with GQA: the non-GEMM parts (see ops/attention_gemm.rs for the GEMMs).
 //
 // Layouts (row-major, f32):
 //   qkv  [T, W], W = (H + 2 Hkv) D, row t = [q: H D | k: Hkv D | v: Hkv D]

@@ -3,6 +3,7 @@
 
 pub mod adamw;
 pub mod attention;
+pub mod attention_gemm;
 pub mod classifier;
 pub mod elementwise;
 pub mod embedding;

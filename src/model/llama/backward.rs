@@ -1,0 +1,203 @@
+//! The backward of [`Llama`]: the forward of the micro-batch, then the final norm, the layers
+//! in reverse (a layer's forward re-run first when activations are recomputed) and the
+//! embedding, each op's backward in the reverse order of the list in `mod.rs`. `dres` carries
+//! the residual-stream gradient; weight gradients are added (`+=`), so micro-steps accumulate.
+
+use super::{gemm_weight, DeviceBatch, GradsReady, Llama};
+use crate::backend::{Backend, BackendError};
+
+impl<B: Backend> Llama<B> {
+    /// Forward and backward of one micro-batch: gradients of `loss_scale * sum_t loss_t` are
+    /// *added* to `grads` (so micro-steps accumulate; call [`Llama::zero_grads`] per step).
+    /// Returns the unscaled loss sum.
+    pub fn forward_backward(
+        &mut self,
+        be: &B,
+        batch: &DeviceBatch<B>,
+        loss_scale: f32,
+    ) -> Result<f64, BackendError> {
+        self.forward_backward_hooked(be, batch, loss_scale, &mut |_, _| Ok(()))
+    }
+
+    /// [`Llama::forward_backward`], calling `grads_ready(grads, from)` each time the gradients
+    /// of the tensors `from..` (layout order) are final for this micro-batch: after the
+    /// classifier and final norm, then after each layer's backward (the embedding's comes
+    /// last, with the return). A data-parallel run starts summing them across ranks there,
+    /// overlapping the rest of the backward.
+    pub fn forward_backward_hooked<E: From<BackendError>>(
+        &mut self,
+        be: &B,
+        batch: &DeviceBatch<B>,
+        loss_scale: f32,
+        grads_ready: &mut GradsReady<'_, B, E>,
+    ) -> Result<f64, E> {
+        // The loss is read back only after the backward is queued, so a device backend runs
+        // the whole micro-step without waiting for the host.
+        self.forward_inner(be, batch, Some(loss_scale))?;
+        let m = self.dims;
+        let t = batch.t;
+        let n_layers = self.layout.layers.len();
+
+        // Final norm: dres = d r_L.
+        be.zero(&mut self.scratch.dres, t * m.c)?;
+        be.rmsnorm_backward(
+            &mut self.scratch.dres,
+            &mut self.grads[self.layout.ln_f],
+            &self.scratch.dn,
+            &self.residual[n_layers],
+            &self.params[self.layout.ln_f],
+            &self.rstd_f,
+            t,
+            m.c,
+        )?;
+        // Everything after the last layer: ln_f, and lm_head when untied (tied, it is the
+        // embedding, index 0, final only at the end).
+        grads_ready(&mut self.grads, self.layout.ln_f)?;
+        for l in (0..n_layers).rev() {
+            let slot = if self.recompute {
+                self.layer_forward(be, l, 0, batch)?;
+                0
+            } else {
+                l
+            };
+            self.layer_backward(be, l, slot, batch)?;
+            grads_ready(&mut self.grads, self.layout.layers[l].first())?;
+        }
+        be.embedding_backward(
+            &mut self.grads[self.layout.embed],
+            &self.scratch.dres,
+            &batch.tokens,
+            t,
+            m.c,
+        )?;
+        Ok(self.loss_sum(be, t)?)
+    }
+
+    /// Backward of layer `l`: on entry `dres` = d r2, on exit d r0; weight grads +=.
+    fn layer_backward(
+        &mut self,
+        be: &B,
+        l: usize,
+        slot: usize,
+        batch: &DeviceBatch<B>,
+    ) -> Result<(), BackendError> {
+        let m = self.dims;
+        let t = batch.t;
+        let p = self.layout.layers[l];
+        let ad = self.attn_dims(batch);
+        let a = &self.acts[slot];
+        let s = &mut self.scratch;
+        let g = &mut self.grads;
+        let w = &self.params;
+        let gw = |i| gemm_weight::<B>(&self.working, &self.params, i);
+
+        // r2 = r1 + s Wdown^T, with s recomputed from gate_up (not kept by the forward).
+        be.swiglu_forward(&mut s.s, &a.gate_up, t, m.f)?;
+        be.zero(&mut s.ds, t * m.f)?;
+        be.matmul_backward(
+            &mut s.ds,
+            &mut g[p.wdown],
+            None,
+            &s.dres,
+            &s.s,
+            gw(p.wdown),
+            t,
+            m.f,
+            m.c,
+        )?;
+        be.swiglu_backward(&mut s.dgate_up, &s.ds, &a.gate_up, t, m.f)?;
+        be.zero(&mut s.dn, t * m.c)?;
+        be.matmul_backward(
+            &mut s.dn,
+            &mut g[p.wgate_up],
+            None,
+            &s.dgate_up,
+            &a.n2,
+            gw(p.wgate_up),
+            t,
+            m.c,
+            2 * m.f,
+        )?;
+        // dres += rmsnorm'(dn2): now dres = d r1.
+        be.rmsnorm_backward(
+            &mut s.dres,
+            &mut g[p.ln2],
+            &s.dn,
+            &a.r1,
+            &w[p.ln2],
+            &a.rstd2,
+            t,
+            m.c,
+        )?;
+
+        // r1 = r0 + att Wo^T
+        be.zero(&mut s.datt, t * m.h * m.d)?;
+        be.matmul_backward(
+            &mut s.datt,
+            &mut g[p.wo],
+            None,
+            &s.dres,
+            &a.att,
+            gw(p.wo),
+            t,
+            m.h * m.d,
+            m.c,
+        )?;
+        be.attention_backward(
+            &mut s.dqkv,
+            &s.datt,
+            &a.qkv,
+            &a.att,
+            &a.lse,
+            &batch.cu_seqlens,
+            ad,
+        )?;
+        be.rope_backward(&mut s.dqkv, &batch.positions, &self.inv_freq, ad)?;
+        be.zero(&mut s.dn, t * m.c)?;
+        match p.bqkv {
+            Some(b) => {
+                // Two disjoint grads of the same list: split the borrow.
+                let (lo, hi) = g.split_at_mut(b.max(p.wqkv));
+                let (dw, db) = if p.wqkv < b {
+                    (&mut lo[p.wqkv], &mut hi[0])
+                } else {
+                    (&mut hi[0], &mut lo[b])
+                };
+                be.matmul_backward(
+                    &mut s.dn,
+                    dw,
+                    Some(db),
+                    &s.dqkv,
+                    &a.n1,
+                    gw(p.wqkv),
+                    t,
+                    m.c,
+                    m.qkv,
+                )?;
+            }
+            None => be.matmul_backward(
+                &mut s.dn,
+                &mut g[p.wqkv],
+                None,
+                &s.dqkv,
+                &a.n1,
+                gw(p.wqkv),
+                t,
+                m.c,
+                m.qkv,
+            )?,
+        }
+        // dres += rmsnorm'(dn1): now dres = d r0.
+        be.rmsnorm_backward(
+            &mut s.dres,
+            &mut g[p.ln1],
+            &s.dn,
+            &self.residual[l],
+            &w[p.ln1],
+            &a.rstd1,
+            t,
+            m.c,
+        )?;
+        Ok(())
+    }
+}

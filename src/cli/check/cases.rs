@@ -386,6 +386,35 @@ fn op_list<B: Backend>(c: &mut Cases<B>) {
         });
     }
 
+    // AdamW that also writes the working copy (activation-kind: f32 in the first pass, the
+    // backend's activation precision in the second): param, m, v exactly as `adamw`, and the copy
+    // equal to the new param rounded.
+    c.case("adamw_with_copy", "adamw_copy", |io| {
+        let n = 100_003;
+        let p0 = io.randn(n, 0.02);
+        let g = io.randn(n, 1e-3);
+        let m0 = io.randn(n, 1e-3);
+        let v0 = io.uniform(n, 1e-8, 1e-6);
+        let (mut p, gb) = (io.full(&p0)?, io.full(&g)?);
+        let (mut m, mut v) = (io.full(&m0)?, io.full(&v0)?);
+        let mut w = io.poisoned(n)?;
+        let hp = AdamWStep {
+            lr: 3e-4,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            grad_scale: 0.7,
+            step: 3,
+        };
+        io.be
+            .adamw_with_copy(&mut p, &gb, &mut m, &mut v, &mut w, n, hp)?;
+        io.output("param", &p, n)?;
+        io.output("m", &m, n)?;
+        io.output("v", &v, n)?;
+        io.output("working copy", &w, n)
+    });
+
     // ------------------------------------------------------------ the whole model
     c.case("model[forward_backward]", "model", |io| {
         model_case(io, true)

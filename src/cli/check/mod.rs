@@ -96,6 +96,11 @@ pub const TOLERANCES: &[(&str, f64, &str)] = &[
     ("scale", 1e-5, "f32 elementwise"),
     ("memory", 1e-5, "copy and zero are exact"),
     ("adamw", 1e-5, "f32 elementwise (sqrt, powi of the betas)"),
+    (
+        "adamw_copy",
+        1e-5,
+        "AdamW as above plus the copy of the new weights (exact in the full-precision pass)",
+    ),
     ("sum_squares", 1e-5, "f32 partial sums, summed in f64"),
     (
         "act",

@@ -125,7 +125,9 @@ pub fn check_cu_seqlens(op: &'static str, cu: &[i32], dims: &AttnDims) -> Result
 
 /// Coarse ops with forward and backward. `Result` everywhere: a device op can fail.
 pub trait Backend {
-    /// Float buffer (activations, parameters, gradients, optimizer moments).
+    /// Float buffer (activations, parameters, gradients, optimizer moments), full precision
+    /// (`alloc`) or the activation precision (`alloc_act`); every op accepts either for any
+    /// float argument (the CUDA backend's two kinds; the CPU's are both f32).
     type Buf;
     /// i32 buffer (token ids, targets, positions, `cu_seqlens`).
     type IdxBuf;

@@ -342,24 +342,9 @@ __device__ __forceinline__ void flash_bwd_dq(E* __restrict__ dqkv, const E* __re
 
     for (int kt = 0; kt <= qt; ++kt) {
         const int k0 = kt * FA_TILE;
-        unsigned short* sK = sKV + 2 * (kt % NB) * FA_TILE * S;
-        unsigned short* sV = sK + FA_TILE * S;
         __syncthreads();  // the buffer about to be refilled is no longer read
-        if (kt < qt && NB == 2) {
-            unsigned short* nK = sKV + 2 * ((kt + 1) % NB) * FA_TILE * S;
-            fa_tile_start<D, 8>(nK, kb + (long)(k0 + FA_TILE) * W, W, L - k0 - FA_TILE);
-            fa_tile_start<D, 8>(nK + FA_TILE * S, vb + (long)(k0 + FA_TILE) * W, W,
-                                L - k0 - FA_TILE);
-            fa_async_commit();
-            fa_async_wait<1>();
-        } else {
-            if (NB == 1 && kt > 0) {
-                fa_tile_start<D, 8>(sK, kb + (long)k0 * W, W, L - k0);
-                fa_tile_start<D, 8>(sV, vb + (long)k0 * W, W, L - k0);
-                fa_async_commit();
-            }
-            fa_async_wait<0>();
-        }
+        unsigned short* sK = fa_kv_step<D, NB>(sKV, kb, vb, W, kt, qt, L);
+        unsigned short* sV = sK + FA_TILE * S;
         __syncthreads();
 
         // S = Q K^T and dP = dO V^T for the warp's 16 queries x 64 keys.

@@ -181,3 +181,33 @@ struct FaPipe {
     static constexpr int FWD = D == 64 ? 2 : 1;
     static constexpr int BWD = D == 64 ? 2 : 1;
 };
+
+// One step of the K/V pipeline over key tiles 0..=last: tile kt's K (then its V) lives in buffer
+// kt % NB of `kv` (pairs of 64-row tiles, K first). With two buffers this starts the next
+// tile's copies and waits for tile kt's; with one it loads tile kt now (tile 0 was started
+// before the loop). Returns K of tile kt. The caller syncs the block before (the buffer being
+// refilled is free) and after (the tile is visible to every warp).
+template <int D, int NB, typename E>
+__device__ __forceinline__ unsigned short* fa_kv_step(unsigned short* kv, const E* kb,
+                                                      const E* vb, long W, int kt, int last,
+                                                      int L) {
+    constexpr int S = D + 8;
+    const int k0 = kt * FA_TILE;
+    unsigned short* sK = kv + 2 * (kt % NB) * FA_TILE * S;
+    if (kt < last && NB == 2) {
+        unsigned short* nK = kv + 2 * ((kt + 1) % NB) * FA_TILE * S;
+        fa_tile_start<D, 8>(nK, kb + (long)(k0 + FA_TILE) * W, W, L - k0 - FA_TILE);
+        fa_tile_start<D, 8>(nK + FA_TILE * S, vb + (long)(k0 + FA_TILE) * W, W,
+                            L - k0 - FA_TILE);
+        fa_async_commit();
+        fa_async_wait<1>();  // tile kt's copies are done, the next one's in flight
+    } else {
+        if (NB == 1 && kt > 0) {
+            fa_tile_start<D, 8>(sK, kb + (long)k0 * W, W, L - k0);
+            fa_tile_start<D, 8>(sK + FA_TILE * S, vb + (long)k0 * W, W, L - k0);
+            fa_async_commit();
+        }
+        fa_async_wait<0>();
+    }
+    return sK;
+}

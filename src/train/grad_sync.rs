@@ -147,6 +147,9 @@ pub struct NcclGradSync {
     bucket_floats: usize,
     /// Buckets of this step already started, counted from the last one.
     started: std::cell::Cell<usize>,
+    /// Element counts of the layout's tensors and their buckets, computed on the first call
+    /// (the layout of a run never changes; `grads_ready` runs once per layer per step).
+    plan: std::cell::OnceCell<(Vec<usize>, Vec<Range<usize>>)>,
 }
 
 impl NcclGradSync {
@@ -166,6 +169,7 @@ impl NcclGradSync {
             nccl,
             bucket_floats: bucket_floats(cfg),
             started: std::cell::Cell::new(0),
+            plan: std::cell::OnceCell::new(),
         })
     }
 
@@ -176,8 +180,11 @@ impl NcclGradSync {
         grads: &mut [crate::backend::cuda::CudaBuf],
         ready_from: usize,
     ) -> Result<(), TrainError> {
-        let numels: Vec<usize> = layout.specs.iter().map(|s| s.numel()).collect();
-        let all = buckets(&numels, self.bucket_floats);
+        let (numels, all) = self.plan.get_or_init(|| {
+            let numels: Vec<usize> = layout.specs.iter().map(|s| s.numel()).collect();
+            let all = buckets(&numels, self.bucket_floats);
+            (numels, all)
+        });
         for b in all.iter().rev().skip(self.started.get()) {
             if b.start < ready_from {
                 break;

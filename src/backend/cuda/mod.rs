@@ -288,6 +288,7 @@ impl Backend for CudaBackend {
                 for (o, h) in out.iter_mut().zip(&host) {
                     *o = h.to_f32();
                 }
+                return Ok(out);
             }
             _ => {}
         }

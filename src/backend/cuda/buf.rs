@@ -136,3 +136,92 @@ impl CudaBackend {
 pub(crate) fn to_bf16(src: &[f32]) -> Vec<bf16> {
     src.iter().map(|&x| bf16::from_f32(x)).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cuda::gemm::Mat;
+    use crate::backend::{AdamWStep, AttnDims, Backend};
+
+    /// The error paths of per-buffer precision, each fed its bad input (GPU only): optimizer
+    /// state and NCCL gradients must be f32, a working copy must be long enough, cuBLAS cannot
+    /// round f32 products into bf16, and the flash kernels take one element type.
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn precision_mismatches_are_errors() {
+        let be = CudaBackend::new(0).expect("a CUDA device");
+        let n = 64;
+        let hp = AdamWStep {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            grad_scale: 1.0,
+            step: 1,
+        };
+        let f32_buf = |len| be.alloc(len).unwrap();
+        let bf16_buf = |len| be.alloc_dtype(len, DType::Bf16).unwrap();
+        let (g, mut m, mut v) = (f32_buf(n), f32_buf(n), f32_buf(n));
+
+        let e = be
+            .adamw(&mut bf16_buf(n), &g, &mut m, &mut v, n, hp)
+            .unwrap_err();
+        assert!(e.to_string().contains("needs an f32 buffer"), "{e}");
+
+        let e = be
+            .adamw_with_copy(
+                &mut f32_buf(n),
+                &g,
+                &mut m,
+                &mut v,
+                &mut bf16_buf(n / 2),
+                n,
+                hp,
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("working [n]"), "{e}");
+
+        assert!(bf16_buf(4).f32_mut("all_reduce").is_err());
+
+        let (a, c) = (f32_buf(n), bf16_buf(n));
+        let e = be
+            .gemm(
+                false,
+                false,
+                8,
+                8,
+                8,
+                1.0,
+                Mat::of(&be, &a, 8),
+                Mat::of(&be, &a, 8),
+                0.0,
+                Mat::of(&be, &c, 8),
+                1,
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("not supported"), "{e}");
+
+        let dims = AttnDims {
+            t: 8,
+            h: 1,
+            hkv: 1,
+            d: 64,
+            n_docs: 1,
+            max_seqlen: 8,
+        };
+        let mut cu = be.alloc_idx(2).unwrap();
+        be.upload_idx(&mut cu, &[0, 8]).unwrap();
+        let qkv = f32_buf(8 * dims.qkv_width());
+        let e = super::super::ops::flash_attention::forward(
+            &be,
+            &mut bf16_buf(8 * 64),
+            &mut f32_buf(8),
+            &qkv,
+            &cu,
+            dims,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("one element type"), "{e}");
+    }
+}

@@ -91,8 +91,11 @@ impl<B: Backend> Llama<B> {
         let w = &self.params;
         let gw = |i| gemm_weight::<B>(&self.working, &self.params, i);
 
-        // r2 = r1 + s Wdown^T, with s recomputed from gate_up (not kept by the forward).
-        be.swiglu_forward(&mut s.s, &a.gate_up, t, m.f)?;
+        // r2 = r1 + s Wdown^T, with s recomputed from gate_up (not kept by the forward). With
+        // `recompute` the layer's forward has just run and left this layer's s in scratch.
+        if !self.recompute {
+            be.swiglu_forward(&mut s.s, &a.gate_up, t, m.f)?;
+        }
         be.zero(&mut s.ds, t * m.f)?;
         be.matmul_backward(
             &mut s.ds,

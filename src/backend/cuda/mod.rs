@@ -136,6 +136,7 @@ impl CudaBackend {
         // SAFETY: called before any allocation on this context.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
+        keep_freed_memory(&ctx).map_err(d("cuMemPoolSetAttribute"))?;
         let (major, minor) = ctx.compute_capability().map_err(d("compute_capability"))?;
         let arch = arch_name(major, minor)?;
         let device_name = ctx.name().map_err(d("device name"))?;
@@ -186,6 +187,28 @@ impl CudaBackend {
     pub fn memory_used(&self) -> Result<usize, BackendError> {
         let (free, total) = self.ctx.mem_get_info().map_err(drv("cuMemGetInfo"))?;
         Ok(total - free)
+    }
+}
+
+/// cudarc allocates from the device's default memory pool, stream-ordered
+/// (`cuMemAllocAsync`). That pool's release threshold starts at 0: at every synchronize it
+/// hands all freed memory back to the driver, so the per-call scratch of the next step
+/// (attention staging, norms' partials, conversions: hundreds of MB per layer) has to be
+/// mapped again, several times per step. Keeping it makes a steady-state step allocate
+/// nothing new; the memory stays this process's, so `memory_used` reports the true peak.
+fn keep_freed_memory(ctx: &CudaContext) -> Result<(), cudarc::driver::DriverError> {
+    use cudarc::driver::sys;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold: u64 = u64::MAX;
+    // SAFETY: `pool` and `threshold` outlive the calls; the device belongs to `ctx`.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result()?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .result()
     }
 }
 

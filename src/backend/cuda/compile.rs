@@ -50,6 +50,7 @@ pub const SOURCES: &[KernelSource] = &[
     kernel!("flash_common.cuh"),
     kernel!("flash_forward.cu" => ["flash_common.cuh"]),
     kernel!("flash_backward.cu" => ["flash_common.cuh"]),
+    kernel!("flash_forward_wgmma.cu" => ["flash_common.cuh"]),
     kernel!("classifier.cu"),
 ];
 
@@ -79,13 +80,15 @@ pub fn cache_dir() -> PathBuf {
     std::env::temp_dir().join("packtrain-kernels")
 }
 
-/// NVRTC's name for a compute capability (`sm_90` for Hopper).
+/// NVRTC's name for a compute capability. Hopper is `sm_90a`: the architecture-specific target
+/// whose PTX may use `wgmma` (flash_forward_wgmma.cu); such PTX loads only on compute
+/// capability 9.0, which is the only device it is built for.
 pub fn arch_name(major: i32, minor: i32) -> Result<&'static str, CudaError> {
     Ok(match (major, minor) {
         (8, 0) => "sm_80",
         (8, 6) => "sm_86",
         (8, 9) => "sm_89",
-        (9, 0) => "sm_90",
+        (9, 0) => "sm_90a",
         (10, 0) => "sm_100",
         (12, 0) => "sm_120",
         _ => {
@@ -171,8 +174,10 @@ fn store(path: &Path, ptx: &str) {
 mod tests {
     use super::*;
 
-    /// Every kernel compiles for sm_90 through NVRTC. Needs libnvrtc and the CUDA headers
-    /// (CI installs them with ../shared/tools/cuda-toolchain.sh); skipped, loudly, without.
+    /// Every kernel compiles through NVRTC for sm_90a (Hopper, with the wgmma kernels) and for
+    /// sm_80 (where those compile to a trap and the mma.sync kernels run). Needs libnvrtc and
+    /// the CUDA headers (CI installs them with ../shared/tools/cuda-toolchain.sh); skipped,
+    /// loudly, without.
     #[test]
     fn every_kernel_compiles_for_sm90_with_nvrtc() {
         // SAFETY: probing for the shared library only dlopens it.
@@ -183,13 +188,22 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         std::env::set_var("PACKTRAIN_KERNEL_CACHE", dir.path());
-        for file in SOURCES.iter().filter(|f| f.file.ends_with(".cu")) {
-            let ptx = compile(file, "sm_90").unwrap_or_else(|e| panic!("{e}"));
-            assert!(
-                ptx.to_src().contains(".entry"),
-                "{} has no kernels",
-                file.file
-            );
+        for arch in ["sm_90a", "sm_80"] {
+            for file in SOURCES.iter().filter(|f| f.file.ends_with(".cu")) {
+                let ptx = compile(file, arch).unwrap_or_else(|e| panic!("{arch}: {e}"));
+                assert!(
+                    ptx.to_src().contains(".entry"),
+                    "{} has no kernels",
+                    file.file
+                );
+                if file.file == "flash_forward_wgmma.cu" {
+                    assert_eq!(
+                        ptx.to_src().contains("wgmma.mma_async"),
+                        arch == "sm_90a",
+                        "{arch}: wgmma only on sm_90a"
+                    );
+                }
+            }
         }
     }
 
@@ -229,6 +243,6 @@ mod tests {
     #[test]
     fn unknown_architecture_is_an_error() {
         assert!(arch_name(7, 5).is_err());
-        assert_eq!(arch_name(9, 0).unwrap(), "sm_90");
+        assert_eq!(arch_name(9, 0).unwrap(), "sm_90a");
     }
 }

@@ -1,7 +1,8 @@
 //! Varlen causal flash attention (FlashAttention-2 style) for head dims 64 and 128:
 //! `kernels/flash_forward.cu` and `kernels/flash_backward.cu` (their shared helpers in
 //! `kernels/flash_common.cuh`), bf16 tensor-core MMAs (`mma.sync m16n8k16`) with f32
-//! accumulation, never materialising the scores. qkv, out, dout and dqkv are all f32 or all
+//! accumulation, never materialising the scores. On Hopper the bf16 forward runs on warpgroup
+//! MMAs instead (`kernels/flash_forward_wgmma.cu`, same items and results). qkv, out, dout and dqkv are all f32 or all
 //! bf16 (the kernels' two entry points); lse is f32 ([`native`] says whether a set of buffers
 //! fits, else `attention.rs` stages them).
 //!
@@ -147,6 +148,20 @@ fn entry(k: Kernel, d: usize, e: DType) -> &'static str {
         ],
     };
     names[usize::from(d != 64) + 2 * usize::from(e == DType::Bf16)]
+}
+
+/// Whether the bf16 forward runs on Hopper's warpgroup MMA (`flash_forward_wgmma.cu`): on an
+/// sm_90a build unless `PACKTRAIN_FLASH_WGMMA=0` (the mma.sync kernel, to compare the two).
+fn wgmma_forward(be: &CudaBackend, e: DType) -> bool {
+    e == DType::Bf16
+        && be.arch == "sm_90a"
+        && std::env::var("PACKTRAIN_FLASH_WGMMA").as_deref() != Ok("0")
+}
+
+/// The warpgroup forward: Q and the two (K, V) pipeline pairs in 128-byte-swizzled tiles
+/// (64 x D bf16 each, no padding), plus 1 KiB so the kernel can align them to 1024 bytes.
+fn shared_bytes_fwd_wgmma(d: usize) -> usize {
+    5 * TILE * d * 2 + 1024
 }
 
 /// How the backward computes dQ: `PACKTRAIN_FLASH_DQ=atomic` adds each key tile's share with
@@ -298,8 +313,16 @@ pub fn forward(
     }
     let n_items = list.len() / 4;
     let items_g = upload_items(be, &list, OP)?;
-    let name = entry(Kernel::Forward, d, qkv.dtype());
-    let smem = shared_bytes_fwd(d);
+    let (name, smem) = if wgmma_forward(be, qkv.dtype()) {
+        let name = if d == 64 {
+            "flash_fwd_wg_d64_bf16"
+        } else {
+            "flash_fwd_wg_d128_bf16"
+        };
+        (name, shared_bytes_fwd_wgmma(d))
+    } else {
+        (entry(Kernel::Forward, d, qkv.dtype()), shared_bytes_fwd(d))
+    };
     set_smem(be, name, smem, OP)?;
     let cfg = LaunchConfig {
         grid_dim: (blocks(n_items, h, OP)?, 1, 1),

@@ -254,7 +254,8 @@ pub trait Backend {
         ic: usize,
         oc: usize,
     ) -> Result<(), BackendError>;
-    /// dx `[T, IC]` +=  dout w; dw `[OC, IC]` += dout^T x; dbias `[OC]` += sum_t dout.
+    /// dx `[T, IC]` = dout w, overwritten (whatever dx held, NaN included, is never read);
+    /// dw `[OC, IC]` += dout^T x; dbias `[OC]` += sum_t dout (weight gradients accumulate).
     #[allow(clippy::too_many_arguments)]
     fn matmul_backward(
         &self,

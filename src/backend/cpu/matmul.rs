@@ -3,7 +3,7 @@
 //! Shapes: x `[T, IC]`, w `[OC, IC]` (PyTorch `nn.Linear` layout), out `[T, OC]`.
 //!
 //! Forward:  out[t, o] = sum_i x[t, i] w[o, i] (+ bias[o])        out overwritten
-//! Backward: dx[t, i] += sum_o dout[t, o] w[o, i]                 (dx = dout w)
+//! Backward: dx[t, i]  = sum_o dout[t, o] w[o, i]                 (dx = dout w, overwritten)
 //!           dw[o, i] += sum_t dout[t, o] x[t, i]                 (dw = dout^T x)
 //!           dbias[o] += sum_t dout[t, o]
 //!
@@ -310,7 +310,8 @@ pub fn matmul_forward<F: Real>(
     }
 }
 
-/// dx `[T, IC]` += dout w; dw `[OC, IC]` += dout^T x; dbias `[OC]` += sum_t dout.
+/// dx `[T, IC]` = dout w (overwritten, never read); dw `[OC, IC]` += dout^T x; dbias `[OC]`
+/// += sum_t dout.
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_backward<F: Real>(
     dx: &mut [F],
@@ -323,7 +324,8 @@ pub fn matmul_backward<F: Real>(
     ic: usize,
     oc: usize,
 ) {
-    // dx[t, i] += sum_o dout[t, o] w[o, i]
+    // dx[t, i] = sum_o dout[t, o] w[o, i]; beta 0, so the old dx is not read (the caller
+    // needs no zeroing pass, and garbage there cannot leak in).
     par_gemm(
         t,
         oc,
@@ -331,7 +333,7 @@ pub fn matmul_backward<F: Real>(
         F::one(),
         MatRef::rows(dout, oc),
         MatRef::rows(w, ic),
-        F::one(),
+        F::zero(),
         dx,
         ic,
     );

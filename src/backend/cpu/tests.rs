@@ -47,14 +47,16 @@ fn backwards_accumulate_or_overwrite_as_the_trait_says() {
     let w = f32s(&mut rng, oc * c);
     let dout = f32s(&mut rng, t * oc);
 
-    // matmul: dx, dw, dbias all +=.
-    let (mut dx, mut dw, mut db) = (vec![0.0; t * c], vec![0.0; oc * c], vec![0.0; oc]);
+    // matmul: dw, dbias +=; dx overwritten, even over NaN (beta 0: never read).
+    let (mut dx, mut dw, mut db) = (vec![f32::NAN; t * c], vec![0.0; oc * c], vec![0.0; oc]);
     be.matmul_backward(&mut dx, &mut dw, Some(&mut db), &dout, &x, &w, t, c, oc)
         .unwrap();
     let (dx1, dw1, db1) = (dx.clone(), dw.clone(), db.clone());
+    assert!(dx1.iter().all(|v| v.is_finite()), "matmul dx overwrites");
+    dx.fill(f32::NAN);
     be.matmul_backward(&mut dx, &mut dw, Some(&mut db), &dout, &x, &w, t, c, oc)
         .unwrap();
-    assert!(doubled(&dx1, &dx), "matmul dx {dx1:?} {dx:?}");
+    assert_eq!(dx1, dx, "matmul dx");
     assert!(doubled(&dw1, &dw), "matmul dw {dw1:?} {dw:?}");
     assert!(doubled(&db1, &db), "matmul db");
 

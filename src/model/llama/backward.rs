@@ -2,6 +2,8 @@
 //! in reverse (a layer's forward re-run first when activations are recomputed) and the
 //! embedding, each op's backward in the reverse order of the list in `mod.rs`. `dres` carries
 //! the residual-stream gradient; weight gradients are added (`+=`), so micro-steps accumulate.
+//! Every other gradient scratch (ds, dgate_up, dn, datt, dqkv) is overwritten by the op that
+//! produces it, so none is zeroed first.
 
 use super::{gemm_weight, DeviceBatch, GradsReady, Llama};
 use crate::backend::{Backend, BackendError};
@@ -96,7 +98,6 @@ impl<B: Backend> Llama<B> {
         if !self.recompute {
             be.swiglu_forward(&mut s.s, &a.gate_up, t, m.f)?;
         }
-        be.zero(&mut s.ds, t * m.f)?;
         be.matmul_backward(
             &mut s.ds,
             &mut g[p.wdown],
@@ -109,7 +110,6 @@ impl<B: Backend> Llama<B> {
             m.c,
         )?;
         be.swiglu_backward(&mut s.dgate_up, &s.ds, &a.gate_up, t, m.f)?;
-        be.zero(&mut s.dn, t * m.c)?;
         be.matmul_backward(
             &mut s.dn,
             &mut g[p.wgate_up],
@@ -134,7 +134,6 @@ impl<B: Backend> Llama<B> {
         )?;
 
         // r1 = r0 + att Wo^T
-        be.zero(&mut s.datt, t * m.h * m.d)?;
         be.matmul_backward(
             &mut s.datt,
             &mut g[p.wo],
@@ -156,7 +155,6 @@ impl<B: Backend> Llama<B> {
             ad,
         )?;
         be.rope_backward(&mut s.dqkv, &batch.positions, &self.inv_freq, ad)?;
-        be.zero(&mut s.dn, t * m.c)?;
         match p.bqkv {
             Some(b) => {
                 // Two disjoint grads of the same list: split the borrow.

@@ -76,7 +76,8 @@ pub fn forward(
     Ok(())
 }
 
-/// dx `[T, IC]` += dout w; dw `[OC, IC]` += dout^T x; dbias `[OC]` += column sums of dout.
+/// dx `[T, IC]` = dout w (overwritten: beta 0, cuBLAS does not read C then); dw `[OC, IC]`
+/// += dout^T x; dbias `[OC]` += column sums of dout.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     be: &CudaBackend,
@@ -107,7 +108,7 @@ pub fn backward(
         1.0,
         Mat::of(be, ds.as_ref().unwrap_or(dout), oc),
         Mat::of(be, ws.as_ref().unwrap_or(w), ic),
-        1.0,
+        0.0,
         Mat::of(be, dx, ic),
         1,
     )?;

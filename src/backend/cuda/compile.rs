@@ -50,7 +50,9 @@ pub const SOURCES: &[KernelSource] = &[
     kernel!("flash_common.cuh"),
     kernel!("flash_forward.cu" => ["flash_common.cuh"]),
     kernel!("flash_backward.cu" => ["flash_common.cuh"]),
-    kernel!("flash_forward_wgmma.cu" => ["flash_common.cuh"]),
+    kernel!("flash_wgmma.cuh"),
+    kernel!("flash_forward_wgmma.cu" => ["flash_common.cuh", "flash_wgmma.cuh"]),
+    kernel!("flash_backward_wgmma.cu" => ["flash_common.cuh", "flash_wgmma.cuh"]),
     kernel!("classifier.cu"),
 ];
 

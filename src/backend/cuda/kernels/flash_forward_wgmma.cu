@@ -1,4 +1,5 @@
-// Varlen causal flash attention, forward, on Hopper's warpgroup MMA (sm_90a `wgmma`): the
+// Varlen causal flash attention, forward, on Hopper's warpgroup MMA (sm_90a `wgmma`; helpers
+// and the shared-memory layout in flash_wgmma.cuh, pasted in front by compile.rs): the
 // algorithm of flash_forward.cu (same items, same online softmax in the exp2 domain, same
 // outputs) with both products issued by the whole 4-warp block as one warpgroup.
 //
@@ -10,129 +11,8 @@
 // Why: with mma.sync every warp reloads the whole K and V tiles through ldmatrix (4x the
 // shared-memory traffic of one read) and issues 16x8 MMAs; wgmma reads each B tile once per
 // warpgroup and runs 64xN products asynchronously.
-//
-// Shared-memory tiles are "128-byte swizzled" as wgmma's descriptors expect: a 64-row tile of
-// D bf16 columns is D / 64 atoms of [64 rows][128 bytes]; the 16-byte chunk j of row r lives at
-// chunk j ^ (r & 7) of its row (fa_sw). Atoms start on 1024-byte boundaries (the swizzle is
-// taken from address bits 7-9). A k16 step inside an atom is the descriptor's start address
-// plus 32 bytes; for V (rows = keys) a k16 step is 16 rows = 2048 bytes, and the second atom
-// of a D = 128 tile is the descriptor's leading-byte offset (64 rows x 128 bytes).
-// Descriptor (PTX "matrix descriptor"): bits 0-13 start address >> 4, 16-29 leading byte
-// offset >> 4, 32-45 stride byte offset >> 4 (1024: from one 8-row group to the next),
-// 62-63 = 1 (128-byte swizzle).
-//
-// bf16 only (the f32 entry points stay on mma.sync); built for sm_90a only: other
-// architectures compile these entry points to a trap and ops/flash_attention.rs never
-// launches them there.
-
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define FA_WG 1
-#else
-#define FA_WG 0
-#endif
-
-// Element offset of (row r, column c) in a swizzled 64-row tile.
-__device__ __forceinline__ int fa_sw(int r, int c) {
-    return (c >> 6) * (FA_TILE * 64) + r * 64 + ((((c >> 3) & 7) ^ (r & 7)) << 3) + (c & 7);
-}
-
-// Start copying a 64 x D bf16 tile (row r at g + r ld; rows >= valid are zero) into a
-// swizzled tile; completes at fa_async_wait.
-template <int D>
-__device__ __forceinline__ void fa_tile_start_sw(unsigned short* s, const __nv_bfloat16* g,
-                                                 long ld, int valid) {
-    constexpr int V8 = D / 8;
-#pragma unroll
-    for (int j = 0; j < FA_TILE * V8 / FA_THREADS; ++j) {
-        int i = threadIdx.x + j * FA_THREADS;
-        int r = i / V8, c = (i % V8) * 8;
-        bool ok = r < valid;
-        fa_cp16(s + fa_sw(r, c), g + (ok ? (long)r * ld + c : 0), ok ? 16 : 0);
-    }
-}
-
-__device__ __forceinline__ unsigned long long fa_desc(const unsigned short* p, unsigned lbo) {
-    unsigned a = (unsigned)__cvta_generic_to_shared(p);
-    return (unsigned long long)((a & 0x3FFFF) >> 4) | ((unsigned long long)(lbo >> 4) << 16) |
-           ((unsigned long long)(1024 >> 4) << 32) | (1ull << 62);
-}
 
 #if FA_WG
-__device__ __forceinline__ void fa_wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void fa_wg_commit() {
-    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-}
-__device__ __forceinline__ void fa_wg_wait0() {
-    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-}
-// Shared-memory writes of the generic proxy (cp.async, st.shared) made visible to wgmma's reads.
-__device__ __forceinline__ void fa_proxy_fence() {
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
-// Pin accumulator registers in program order: the compiler sees wgmma's results as ready when
-// the instruction is issued, so reads after wgmma.wait_group (and writes before
-// wgmma.fence) are ordered through these empty statements.
-template <int N>
-__device__ __forceinline__ void fa_pin(float* d) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
-
-// d[0..32) = A B (accumulate = 0) or d += A B over one k16 step: A (64 x 16, K-major) and
-// B (64 x 16, K-major, i.e. B^T row-major) from shared memory.
-__device__ __forceinline__ void fa_wgmma_ss_n64(float* d, unsigned long long da,
-                                                 unsigned long long db, int accumulate) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
-        "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "l"(da), "l"(db), "r"(accumulate));
-}
-
-// d[0..32) += A B over one k16 step: A (64 x 16) from registers (a[0..4) = the m16n8k16 A
-// fragment of this warp's 16 rows), B (16 x 64) from shared memory, MN-major (transposed).
-__device__ __forceinline__ void fa_wgmma_rs_n64(float* d, const unsigned* a,
-                                                  unsigned long long db) {
-    asm volatile(
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
-        "}, {%32, %33, %34, %35}, %36, 1, 1, 1, 1;\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
-}
-
-// d[0..64) += A B over one k16 step: A (64 x 16) from registers (a[0..4) = the m16n8k16 A
-// fragment of this warp's 16 rows), B (16 x 128) from shared memory, MN-major (transposed).
-__device__ __forceinline__ void fa_wgmma_rs_n128(float* d, const unsigned* a,
-                                                  unsigned long long db) {
-    asm volatile(
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31,"
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47,"
-        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
-        "}, {%64, %65, %66, %67}, %68, 1, 1, 1, 1;\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
-}
-
 template <int D>
 __device__ __forceinline__ void flash_fwd_wg(__nv_bfloat16* __restrict__ out,
                                              float* __restrict__ lse,
@@ -140,10 +20,8 @@ __device__ __forceinline__ void flash_fwd_wg(__nv_bfloat16* __restrict__ out,
                                              const int4* __restrict__ items, int T, int H,
                                              int Hkv, float scale_log2) {
     constexpr int TD = FA_TILE * D;  // elements of one tile
-    extern __shared__ __align__(1024) unsigned short fa_smem_wg[];
-    // The atoms need 1024-byte alignment; the launcher adds 1 KiB of slack.
-    const unsigned pad = (1024u - ((unsigned)__cvta_generic_to_shared(fa_smem_wg) & 1023u)) & 1023u;
-    unsigned short* sQ = fa_smem_wg + pad / 2;
+    extern __shared__ __align__(16) unsigned short fa_smem_wg[];
+    unsigned short* sQ = fa_smem_base(fa_smem_wg);
     unsigned short* kv = sQ + TD;  // two (K, V) tile pairs: the pipeline's double buffer
     const int4 it = items[blockIdx.x / H];
     const int h = blockIdx.x % H;

@@ -1,8 +1,9 @@
 //! Varlen causal flash attention (FlashAttention-2 style) for head dims 64 and 128:
 //! `kernels/flash_forward.cu` and `kernels/flash_backward.cu` (their shared helpers in
 //! `kernels/flash_common.cuh`), bf16 tensor-core MMAs (`mma.sync m16n8k16`) with f32
-//! accumulation, never materialising the scores. On Hopper the bf16 forward runs on warpgroup
-//! MMAs instead (`kernels/flash_forward_wgmma.cu`, same items and results). qkv, out, dout and dqkv are all f32 or all
+//! accumulation, never materialising the scores. On Hopper bf16 attention runs on warpgroup MMAs
+//! instead (`kernels/flash_{forward,backward}_wgmma.cu`, helpers in `kernels/flash_wgmma.cuh`:
+//! the same items, math and outputs). qkv, out, dout and dqkv are all f32 or all
 //! bf16 (the kernels' two entry points); lse is f32 ([`native`] says whether a set of buffers
 //! fits, else `attention.rs` stages them).
 //!
@@ -150,18 +151,37 @@ fn entry(k: Kernel, d: usize, e: DType) -> &'static str {
     names[usize::from(d != 64) + 2 * usize::from(e == DType::Bf16)]
 }
 
-/// Whether the bf16 forward runs on Hopper's warpgroup MMA (`flash_forward_wgmma.cu`): on an
-/// sm_90a build unless `PACKTRAIN_FLASH_WGMMA=0` (the mma.sync kernel, to compare the two).
-fn wgmma_forward(be: &CudaBackend, e: DType) -> bool {
+/// Whether bf16 attention runs on Hopper's warpgroup MMA (`flash_forward_wgmma.cu`,
+/// `flash_backward_wgmma.cu`): on an sm_90a build unless `PACKTRAIN_FLASH_WGMMA=0` (the
+/// mma.sync kernels, to compare the two). The backward's wgmma pair computes dQ in its own
+/// kernel, so `PACKTRAIN_FLASH_DQ=atomic` takes the mma.sync backward.
+fn wgmma(be: &CudaBackend, e: DType) -> bool {
     e == DType::Bf16
         && be.arch == "sm_90a"
         && std::env::var("PACKTRAIN_FLASH_WGMMA").as_deref() != Ok("0")
 }
 
-/// The warpgroup forward: Q and the two (K, V) pipeline pairs in 128-byte-swizzled tiles
-/// (64 x D bf16 each, no padding), plus 1 KiB so the kernel can align them to 1024 bytes.
+/// Bytes of one 64 x D bf16 tile, 128-byte swizzled (no padding).
+fn tile_bytes(d: usize) -> usize {
+    TILE * d * 2
+}
+
+/// The warpgroup kernels align their tiles to 1024 bytes inside the dynamic shared memory.
+const ALIGN_SLACK: usize = 1024;
+
+/// Warpgroup forward: Q and the two (K, V) pipeline pairs.
 fn shared_bytes_fwd_wgmma(d: usize) -> usize {
-    5 * TILE * d * 2 + 1024
+    5 * tile_bytes(d) + ALIGN_SLACK
+}
+
+/// Warpgroup dK/dV: K, V, two (Q, dO) pairs, and two lse and two dsum rows (f32).
+fn shared_bytes_dkdv_wgmma(d: usize) -> usize {
+    6 * tile_bytes(d) + 4 * TILE * 4 + ALIGN_SLACK
+}
+
+/// Warpgroup dQ: Q, dO and two (K, V) pairs.
+fn shared_bytes_dq_wgmma(d: usize) -> usize {
+    6 * tile_bytes(d) + ALIGN_SLACK
 }
 
 /// How the backward computes dQ: `PACKTRAIN_FLASH_DQ=atomic` adds each key tile's share with
@@ -313,7 +333,7 @@ pub fn forward(
     }
     let n_items = list.len() / 4;
     let items_g = upload_items(be, &list, OP)?;
-    let (name, smem) = if wgmma_forward(be, qkv.dtype()) {
+    let (name, smem) = if wgmma(be, qkv.dtype()) {
         let name = if d == 64 {
             "flash_fwd_wg_d64_bf16"
         } else {
@@ -424,16 +444,13 @@ pub fn backward(
             .arg(&h32)
             .arg(&d32);
     })?;
-    let name = entry(
-        if atomic {
-            Kernel::Backward
-        } else {
-            Kernel::BackwardDkDv
-        },
-        d,
-        e,
-    );
-    let smem = shared_bytes_bwd(d, atomic);
+    let wg = !atomic && wgmma(be, e);
+    let (name, smem) = match (wg, atomic, d) {
+        (true, _, 64) => ("flash_bwd_dkdv_wg_d64_bf16", shared_bytes_dkdv_wgmma(d)),
+        (true, _, _) => ("flash_bwd_dkdv_wg_d128_bf16", shared_bytes_dkdv_wgmma(d)),
+        (false, true, _) => (entry(Kernel::Backward, d, e), shared_bytes_bwd(d, true)),
+        (false, false, _) => (entry(Kernel::BackwardDkDv, d, e), shared_bytes_bwd(d, false)),
+    };
     set_smem(be, name, smem, OP)?;
     let cfg = LaunchConfig {
         grid_dim: (blocks(n_items, hkv, OP)?, 1, 1),
@@ -477,8 +494,11 @@ pub fn backward(
         let list = fwd_items(&cu_seqlens.host[..=dims.n_docs]);
         let n_items = list.len() / 4;
         let items_q = upload_items(be, &list, OP)?;
-        let name = entry(Kernel::BackwardDq, d, e);
-        let smem = shared_bytes_dq(d);
+        let (name, smem) = match (wg, d) {
+            (true, 64) => ("flash_bwd_dq_wg_d64_bf16", shared_bytes_dq_wgmma(d)),
+            (true, _) => ("flash_bwd_dq_wg_d128_bf16", shared_bytes_dq_wgmma(d)),
+            (false, _) => (entry(Kernel::BackwardDq, d, e), shared_bytes_dq(d)),
+        };
         set_smem(be, name, smem, OP)?;
         let cfg = LaunchConfig {
             grid_dim: (blocks(n_items, h, OP)?, 1, 1),
@@ -545,6 +565,14 @@ mod tests {
             assert!(shared_bytes_dq(d) <= 99 * 1024);
         }
         assert_eq!(shared_bytes_bwd(128, true), 79360);
+        // The warpgroup kernels (Hopper: 227 KB per SM): two blocks per SM of each at D = 128;
+        // at D = 64 four forward, three dK/dV and four dQ blocks.
+        assert_eq!(shared_bytes_dkdv_wgmma(128), 6 * 16384 + 1024 + 1024);
+        for (d, fwd, dkdv, dq) in [(128, 2, 2, 2), (64, 4, 3, 4)] {
+            assert!(fwd * shared_bytes_fwd_wgmma(d) <= 227 * 1024, "{d}");
+            assert!(dkdv * shared_bytes_dkdv_wgmma(d) <= 227 * 1024, "{d}");
+            assert!(dq * shared_bytes_dq_wgmma(d) <= 227 * 1024, "{d}");
+        }
         // D = 64 at three blocks per SM (227 KB of shared memory on Hopper).
         assert!(3 * (shared_bytes_bwd(64, true) + 1024) <= 227 * 1024);
         assert!(3 * (shared_bytes_dq(64) + 1024) <= 227 * 1024);

@@ -8,7 +8,9 @@
 //! (4, 4, 128) (GQA with groups of 4, and plain multi-head). Inputs are uniform random values
 //! rounded to bf16 (q, k, v in [-2, 2), dout in [-1, 1)), so a bf16 backend holds them
 //! exactly and PyTorch sees the very same numbers; each case draws from its own ChaCha8
-//! stream of `--seed`.
+//! stream of `--seed`. qkv, dout, out and dqkv are activation buffers (`alloc_act`), as in
+//! training: bf16 on CUDA, so the dump checks the kernels training runs (`PACKTRAIN_ACTIVATIONS=f32`
+//! dumps the f32 kernels instead); lse is f32.
 //!
 //! Layout of DIR (existing files of the same names are overwritten): one `case_<i>/` per
 //! case, i = 0, 1, ..., each holding
@@ -248,15 +250,15 @@ pub fn run_case<B: Backend>(
 fn forward_backward<B: Backend>(be: &B, data: &mut CaseData) -> Result<(), BackendError> {
     let dims = data.dims;
     let (t, hd, w) = (dims.t, dims.h * dims.d, dims.qkv_width());
-    let mut qkv = be.alloc(t * w)?;
+    let mut qkv = be.alloc_act(t * w)?;
     be.upload(&mut qkv, &data.qkv)?;
-    let mut dout = be.alloc(t * hd)?;
+    let mut dout = be.alloc_act(t * hd)?;
     be.upload(&mut dout, &data.dout)?;
     let mut cu = be.alloc_idx(data.cu_seqlens.len())?;
     be.upload_idx(&mut cu, &data.cu_seqlens)?;
-    let mut out = be.alloc(t * hd)?;
+    let mut out = be.alloc_act(t * hd)?;
     let mut lse = be.alloc(dims.h * t)?;
-    let mut dqkv = be.alloc(t * w)?;
+    let mut dqkv = be.alloc_act(t * w)?;
     be.attention_forward(&mut out, &mut lse, &qkv, &cu, dims)?;
     be.attention_backward(&mut dqkv, &dout, &qkv, &out, &lse, &cu, dims)?;
     be.synchronize()?;
@@ -364,7 +366,8 @@ pub fn run(args: &AttentionDumpArgs) -> anyhow::Result<()> {
         }
         DumpDevice::Cuda => {
             let be = CudaBackend::new(args.gpu).map_err(|e| anyhow!("--device cuda: {e}"))?;
-            let label = format!("cuda ({}, {})", be.device_name, be.arch);
+            let act = if be.activations_are_f32() { "f32" } else { "bf16" };
+            let label = format!("cuda ({}, {}, {act} activations)", be.device_name, be.arch);
             let written = write_dump(&be, &label, &args.out, &cases, args.seed)?;
             (label, written)
         }

@@ -254,8 +254,35 @@ pub trait Backend {
         ic: usize,
         oc: usize,
     ) -> Result<(), BackendError>;
-    /// dx `[T, IC]` = dout w, overwritten (whatever dx held, NaN included, is never read);
-    /// dw `[OC, IC]` += dout^T x; dbias `[OC]` += sum_t dout (weight gradients accumulate).
+    /// The input gradient of `matmul_forward`: dx `[T, IC]` = dout w, overwritten (whatever
+    /// dx held, NaN included, is never read); dout `[T, OC]`, w `[OC, IC]`.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_backward_input(
+        &self,
+        dx: &mut Self::Buf,
+        dout: &Self::Buf,
+        w: &Self::Buf,
+        t: usize,
+        ic: usize,
+        oc: usize,
+    ) -> Result<(), BackendError>;
+    /// The weight gradients of `matmul_forward`, accumulated: dw `[OC, IC]` += dout^T x;
+    /// dbias `[OC]` += sum_t dout. dout `[T, OC]`, x `[T, IC]`.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_backward_weight(
+        &self,
+        dw: &mut Self::Buf,
+        dbias: Option<&mut Self::Buf>,
+        dout: &Self::Buf,
+        x: &Self::Buf,
+        t: usize,
+        ic: usize,
+        oc: usize,
+    ) -> Result<(), BackendError>;
+    /// Both halves: dx `[T, IC]` = dout w, overwritten (never read); dw `[OC, IC]` += dout^T
+    /// x; dbias `[OC]` += sum_t dout. The default calls [`Backend::matmul_backward_input`]
+    /// then [`Backend::matmul_backward_weight`]; a backend overrides it to share work between
+    /// them (the CUDA one converts an f32 dout to the GEMM operand precision once).
     #[allow(clippy::too_many_arguments)]
     fn matmul_backward(
         &self,
@@ -268,7 +295,10 @@ pub trait Backend {
         t: usize,
         ic: usize,
         oc: usize,
-    ) -> Result<(), BackendError>;
+    ) -> Result<(), BackendError> {
+        self.matmul_backward_input(dx, dout, w, t, ic, oc)?;
+        self.matmul_backward_weight(dw, dbias, dout, x, t, ic, oc)
+    }
 
     // ---------------------------------------------------------------- RoPE
     /// Rotate, in place, the q and k heads of the fused qkv buffer `[T, QKV]` (v untouched)
@@ -327,10 +357,14 @@ pub trait Backend {
         t: usize,
         f: usize,
     ) -> Result<(), BackendError>;
-    /// dgate_up `[T, 2F]` overwritten.
+    /// dgate_up `[T, 2F]` overwritten from dout `[T, F]` and gate_up. With `s = Some(out)`,
+    /// out `[T, F]` is also overwritten with `swiglu_forward`'s output, bitwise (the same f32
+    /// math, rounded to out's precision), in the same pass: the backward of the following
+    /// GEMM needs it, and the forward does not keep it.
     fn swiglu_backward(
         &self,
         dgate_up: &mut Self::Buf,
+        s: Option<&mut Self::Buf>,
         dout: &Self::Buf,
         gate_up: &Self::Buf,
         t: usize,

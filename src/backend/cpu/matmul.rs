@@ -3,8 +3,9 @@
 //! Shapes: x `[T, IC]`, w `[OC, IC]` (PyTorch `nn.Linear` layout), out `[T, OC]`.
 //!
 //! Forward:  out[t, o] = sum_i x[t, i] w[o, i] (+ bias[o])        out overwritten
-//! Backward: dx[t, i]  = sum_o dout[t, o] w[o, i]                 (dx = dout w, overwritten)
-//!           dw[o, i] += sum_t dout[t, o] x[t, i]                 (dw = dout^T x)
+//! Backward, in two functions (the model runs them apart, see `Backend::matmul_backward`):
+//!   input:  dx[t, i]  = sum_o dout[t, o] w[o, i]                 (dx = dout w, overwritten)
+//!   weight: dw[o, i] += sum_t dout[t, o] x[t, i]                 (dw = dout^T x)
 //!           dbias[o] += sum_t dout[t, o]
 //!
 //! Every GEMM of the backend goes through [`gemm`] (one thread), [`par_gemm`], which splits
@@ -310,15 +311,10 @@ pub fn matmul_forward<F: Real>(
     }
 }
 
-/// dx `[T, IC]` = dout w (overwritten, never read); dw `[OC, IC]` += dout^T x; dbias `[OC]`
-/// += sum_t dout.
-#[allow(clippy::too_many_arguments)]
-pub fn matmul_backward<F: Real>(
+/// dx `[T, IC]` = dout w, overwritten (never read).
+pub fn matmul_backward_input<F: Real>(
     dx: &mut [F],
-    dw: &mut [F],
-    dbias: Option<&mut [F]>,
     dout: &[F],
-    x: &[F],
     w: &[F],
     t: usize,
     ic: usize,
@@ -337,6 +333,18 @@ pub fn matmul_backward<F: Real>(
         dx,
         ic,
     );
+}
+
+/// dw `[OC, IC]` += dout^T x; dbias `[OC]` += sum_t dout.
+pub fn matmul_backward_weight<F: Real>(
+    dw: &mut [F],
+    dbias: Option<&mut [F]>,
+    dout: &[F],
+    x: &[F],
+    t: usize,
+    ic: usize,
+    oc: usize,
+) {
     // dw[o, i] += sum_t dout[t, o] x[t, i]: a long, thin reduction over t, split along t.
     par_gemm_ksplit(oc, t, ic, MatRef::cols(dout, oc), MatRef::rows(x, ic), dw);
     // dbias[o] += sum_t dout[t, o], t ascending, summed apart then added once.
@@ -432,7 +440,8 @@ mod tests {
         let mut dx = vec![0.0; t * ic];
         let mut dw = vec![0.0; oc * ic];
         let mut db = vec![0.0; oc];
-        matmul_backward(&mut dx, &mut dw, Some(&mut db), &g, &x, &w, t, ic, oc);
+        matmul_backward_input(&mut dx, &g, &w, t, ic, oc);
+        matmul_backward_weight(&mut dw, Some(&mut db), &g, &x, t, ic, oc);
         check_grad("matmul dx", &dx, &x, |xp| f(xp, &w, &bias));
         check_grad("matmul dw", &dw, &w, |wp| f(&x, wp, &bias));
         check_grad("matmul dbias", &db, &bias, |bp| f(&x, &w, bp));

@@ -273,34 +273,45 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn matmul_backward(
+    fn matmul_backward_input(
         &self,
         dx: &mut Vec<f32>,
-        dw: &mut Vec<f32>,
-        dbias: Option<&mut Vec<f32>>,
         dout: &Vec<f32>,
-        x: &Vec<f32>,
         w: &Vec<f32>,
         t: usize,
         ic: usize,
         oc: usize,
     ) -> Result<(), BackendError> {
-        const OP: &str = "matmul_backward";
+        const OP: &str = "matmul_backward_input";
         let nx = need(OP, "dx [T, IC]", dx, &[t, ic])?;
+        let no = need(OP, "dout [T, OC]", dout, &[t, oc])?;
+        let nw = need(OP, "w [OC, IC]", w, &[oc, ic])?;
+        matmul::matmul_backward_input(&mut dx[..nx], &dout[..no], &w[..nw], t, ic, oc);
+        Ok(())
+    }
+
+    fn matmul_backward_weight(
+        &self,
+        dw: &mut Vec<f32>,
+        dbias: Option<&mut Vec<f32>>,
+        dout: &Vec<f32>,
+        x: &Vec<f32>,
+        t: usize,
+        ic: usize,
+        oc: usize,
+    ) -> Result<(), BackendError> {
+        const OP: &str = "matmul_backward_weight";
         let nw = need(OP, "dw [OC, IC]", dw, &[oc, ic])?;
         if let Some(db) = dbias.as_deref() {
             need(OP, "dbias [OC]", db, &[oc])?;
         }
         let no = need(OP, "dout [T, OC]", dout, &[t, oc])?;
-        need(OP, "x [T, IC]", x, &[t, ic])?;
-        need(OP, "w [OC, IC]", w, &[oc, ic])?;
-        matmul::matmul_backward(
-            &mut dx[..nx],
+        let nx = need(OP, "x [T, IC]", x, &[t, ic])?;
+        matmul::matmul_backward_weight(
             &mut dw[..nw],
             dbias.map(|db| &mut db[..oc]),
             &dout[..no],
             &x[..nx],
-            &w[..nw],
             t,
             ic,
             oc,
@@ -399,6 +410,7 @@ impl Backend for CpuBackend {
     fn swiglu_backward(
         &self,
         dgate_up: &mut Vec<f32>,
+        s: Option<&mut Vec<f32>>,
         dout: &Vec<f32>,
         gate_up: &Vec<f32>,
         t: usize,
@@ -406,9 +418,18 @@ impl Backend for CpuBackend {
     ) -> Result<(), BackendError> {
         const OP: &str = "swiglu_backward";
         let ng = need(OP, "dgate_up [T, 2F]", dgate_up, &[t, 2, f])?;
+        if let Some(s) = s.as_deref() {
+            need(OP, "s [T, F]", s, &[t, f])?;
+        }
         let n = need(OP, "dout [T, F]", dout, &[t, f])?;
         need(OP, "gate_up [T, 2F]", gate_up, &[t, 2, f])?;
-        swiglu::swiglu_backward(&mut dgate_up[..ng], &dout[..n], &gate_up[..ng], f);
+        swiglu::swiglu_backward(
+            &mut dgate_up[..ng],
+            s.map(|s| &mut s[..n]),
+            &dout[..n],
+            &gate_up[..ng],
+            f,
+        );
         Ok(())
     }
 
@@ -543,56 +564,7 @@ fn check_rope(
 }
 
 #[cfg(test)]
-pub(crate) mod testutil {
-    //! Shared helpers of the CPU tests.
-    use rand::{Rng, SeedableRng};
-    use rand_chacha::ChaCha8Rng;
-
-    pub fn rng(seed: u64) -> ChaCha8Rng {
-        ChaCha8Rng::seed_from_u64(seed)
-    }
-
-    /// `n` values uniform in [-1, 1).
-    pub fn randn(rng: &mut ChaCha8Rng, n: usize) -> Vec<f64> {
-        (0..n).map(|_| rng.random_range(-1.0..1.0)).collect()
-    }
-
-    pub fn dot(a: &[f64], b: &[f64]) -> f64 {
-        a.iter().zip(b).map(|(x, y)| x * y).sum()
-    }
-
-    /// `|got - want| <= rtol * max(1, max |want|)` elementwise.
-    pub fn assert_close(what: &str, got: &[f64], want: &[f64], rtol: f64) {
-        assert_eq!(got.len(), want.len(), "{what}: lengths");
-        let scale = want.iter().fold(1.0f64, |m, w| m.max(w.abs()));
-        for (i, (g, w)) in got.iter().zip(want).enumerate() {
-            assert!(
-                (g - w).abs() <= rtol * scale,
-                "{what}[{i}]: {g} vs {w} (scale {scale})"
-            );
-        }
-    }
-
-    /// Compares `analytic` (d f / d x at `x`) with central differences, eps = 1e-6.
-    /// Tolerance: 1e-6 relative to max(1, the gradient's largest magnitude). In f64 the
-    /// truncation error is O(eps^2 f''') ~ 1e-12 and the rounding error ~ 1e-16 |f| / eps
-    /// ~ 1e-9 for our |f| <~ 10, so 1e-6 is far above the noise and far below any bug.
-    pub fn check_grad(what: &str, analytic: &[f64], x: &[f64], f: impl Fn(&[f64]) -> f64) {
-        const EPS: f64 = 1e-6;
-        let mut xp = x.to_vec();
-        let numeric: Vec<f64> = (0..x.len())
-            .map(|i| {
-                xp[i] = x[i] + EPS;
-                let up = f(&xp);
-                xp[i] = x[i] - EPS;
-                let down = f(&xp);
-                xp[i] = x[i];
-                (up - down) / (2.0 * EPS)
-            })
-            .collect();
-        assert_close(what, analytic, &numeric, 1e-6);
-    }
-}
+pub(crate) mod testutil;
 
 #[cfg(test)]
 mod tests;

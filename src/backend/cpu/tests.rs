@@ -47,14 +47,17 @@ fn backwards_accumulate_or_overwrite_as_the_trait_says() {
     let w = f32s(&mut rng, oc * c);
     let dout = f32s(&mut rng, t * oc);
 
-    // matmul: dw, dbias +=; dx overwritten, even over NaN (beta 0: never read).
+    // matmul: dw, dbias +=; dx overwritten, even over NaN (beta 0: never read). The halves
+    // on their own do the same as the whole.
     let (mut dx, mut dw, mut db) = (vec![f32::NAN; t * c], vec![0.0; oc * c], vec![0.0; oc]);
     be.matmul_backward(&mut dx, &mut dw, Some(&mut db), &dout, &x, &w, t, c, oc)
         .unwrap();
     let (dx1, dw1, db1) = (dx.clone(), dw.clone(), db.clone());
     assert!(dx1.iter().all(|v| v.is_finite()), "matmul dx overwrites");
     dx.fill(f32::NAN);
-    be.matmul_backward(&mut dx, &mut dw, Some(&mut db), &dout, &x, &w, t, c, oc)
+    be.matmul_backward_input(&mut dx, &dout, &w, t, c, oc)
+        .unwrap();
+    be.matmul_backward_weight(&mut dw, Some(&mut db), &dout, &x, t, c, oc)
         .unwrap();
     assert_eq!(dx1, dx, "matmul dx");
     assert!(doubled(&dw1, &dw), "matmul dw {dw1:?} {dw:?}");
@@ -142,9 +145,13 @@ fn backwards_accumulate_or_overwrite_as_the_trait_says() {
         .unwrap();
     assert_eq!(d1, dqkv, "attention dqkv");
     let gu = f32s(&mut rng, t * 2 * c);
-    let mut dgu = vec![f32::NAN; t * 2 * c];
-    be.swiglu_backward(&mut dgu, &g, &gu, t, c).unwrap();
-    assert!(dgu.iter().all(|x| x.is_finite()), "swiglu overwrites");
+    let (mut dgu, mut sw) = (vec![f32::NAN; t * 2 * c], vec![f32::NAN; t * c]);
+    be.swiglu_backward(&mut dgu, Some(&mut sw), &g, &gu, t, c)
+        .unwrap();
+    assert!(
+        dgu.iter().chain(&sw).all(|x| x.is_finite()),
+        "swiglu overwrites"
+    );
 }
 
 /// Buffers longer than the dims: only the leading elements are read or written.
@@ -212,7 +219,11 @@ fn zero_sized_dims_are_no_ops() {
         be.matmul_backward(&mut a, &mut b, Some(&mut c), &z, &z, &z, t, 2, k)
             .unwrap();
         be.swiglu_forward(&mut a, &z, t, k).unwrap();
-        be.swiglu_backward(&mut a, &z, &z, t, k).unwrap();
+        be.swiglu_backward(&mut a, Some(&mut b), &z, &z, t, k)
+            .unwrap();
+        be.matmul_backward_input(&mut a, &z, &z, t, k, 2).unwrap();
+        be.matmul_backward_weight(&mut a, Some(&mut b), &z, &z, t, 2, k)
+            .unwrap();
         be.classifier(
             &mut a,
             Some((&mut b, &mut c)),
@@ -288,14 +299,23 @@ fn short_buffers_are_shape_errors_naming_the_op() {
     );
     assert_eq!(
         op_of(be.matmul_backward(&mut a, &mut b, None, &short, &ok, &ok, t, c, c)),
-        "matmul_backward"
+        "matmul_backward_input"
+    );
+    assert_eq!(
+        op_of(be.matmul_backward(&mut a, &mut b, None, &ok, &short, &ok, t, c, c)),
+        "matmul_backward_weight"
     );
     assert_eq!(
         op_of(be.swiglu_forward(&mut a, &short, t, c)),
         "swiglu_forward"
     );
     assert_eq!(
-        op_of(be.swiglu_backward(&mut s, &ok, &ok, t, c)),
+        op_of(be.swiglu_backward(&mut s, None, &ok, &ok, t, c)),
+        "swiglu_backward"
+    );
+    let mut s2 = short.clone();
+    assert_eq!(
+        op_of(be.swiglu_backward(&mut a, Some(&mut s2), &ok, &ok, t, c)),
         "swiglu_backward"
     );
     assert_eq!(op_of(be.add_inplace(&mut a, &short, 10)), "add_inplace");
@@ -494,7 +514,7 @@ fn layer_fwd_bwd(be: &CpuBackend, l: &Layer, seed: u64, timed: bool) -> Vec<f32>
     let (mut dsw, mut dgu, mut dn2) = (z(t * f), z(t * 2 * f), z(t * c));
     be.matmul_backward(&mut dsw, &mut dwd, None, &dy, &sw, &wd, t, f, c)
         .unwrap();
-    be.swiglu_backward(&mut dgu, &dsw, &gu, t, f).unwrap();
+    be.swiglu_backward(&mut dgu, None, &dsw, &gu, t, f).unwrap();
     be.matmul_backward(&mut dn2, &mut dwgu, None, &dgu, &n2, &wgu, t, c, 2 * f)
         .unwrap();
     be.rmsnorm_backward(&mut dx2, &mut dln2, &dn2, &x2, &ln2, &r2, t, c)

@@ -114,6 +114,19 @@ impl CudaBackend {
         }
     }
 
+    /// The kernel argument for an optional output: a null pointer (`t.p == nullptr` in the
+    /// kernel, which then skips its stores) when absent.
+    pub(crate) fn ten_opt(&self, b: Option<&CudaBuf>) -> Ten {
+        b.map_or(
+            Ten {
+                ptr: 0,
+                bf16: 0,
+                pad: 0,
+            },
+            |b| self.ten(b),
+        )
+    }
+
     /// A zeroed buffer of `len` elements of `dtype` (at least one element).
     pub fn alloc_dtype(&self, len: usize, dtype: DType) -> Result<CudaBuf, BackendError> {
         let op = "alloc";

@@ -435,6 +435,29 @@ impl Backend for CudaBackend {
     ) -> Result<(), BackendError> {
         ops::matmul::backward(self, dx, dw, dbias, dout, x, w, t, ic, oc)
     }
+    fn matmul_backward_input(
+        &self,
+        dx: &mut Self::Buf,
+        dout: &Self::Buf,
+        w: &Self::Buf,
+        t: usize,
+        ic: usize,
+        oc: usize,
+    ) -> Result<(), BackendError> {
+        ops::matmul::backward_input(self, dx, dout, w, t, ic, oc)
+    }
+    fn matmul_backward_weight(
+        &self,
+        dw: &mut Self::Buf,
+        dbias: Option<&mut Self::Buf>,
+        dout: &Self::Buf,
+        x: &Self::Buf,
+        t: usize,
+        ic: usize,
+        oc: usize,
+    ) -> Result<(), BackendError> {
+        ops::matmul::backward_weight(self, dw, dbias, dout, x, t, ic, oc)
+    }
     fn rope_forward(
         &self,
         qkv: &mut Self::Buf,
@@ -487,12 +510,13 @@ impl Backend for CudaBackend {
     fn swiglu_backward(
         &self,
         dgate_up: &mut Self::Buf,
+        s: Option<&mut Self::Buf>,
         dout: &Self::Buf,
         gate_up: &Self::Buf,
         t: usize,
         f: usize,
     ) -> Result<(), BackendError> {
-        ops::swiglu::backward(self, dgate_up, dout, gate_up, t, f)
+        ops::swiglu::backward(self, dgate_up, s, dout, gate_up, t, f)
     }
     fn add_inplace(
         &self,

@@ -175,6 +175,29 @@ fn op_list<B: Backend>(c: &mut Cases<B>) {
             }
             Ok(())
         });
+        // The two halves on their own (the model's Wdown backward runs them apart).
+        c.case(format!("matmul_backward_input{tag}"), "matmul", |io| {
+            let w = io.randn(oc * ic, 0.1);
+            let dout = io.randn(t * oc, 1.0);
+            let (wb, dob) = (io.input(&w)?, io.input(&dout)?);
+            let mut dx = io.poisoned(t * ic)?;
+            io.be.matmul_backward_input(&mut dx, &dob, &wb, t, ic, oc)?;
+            io.output("dx", &dx, t * ic)
+        });
+        c.case(format!("matmul_backward_weight{tag}"), "matmul", |io| {
+            let x = io.randn(t * ic, 1.0);
+            let dout = io.randn(t * oc, 1.0);
+            let (dw0, db0) = (io.randn(oc * ic, 1.0), io.randn(oc, 1.0));
+            let (xb, dob) = (io.input(&x)?, io.input(&dout)?);
+            let (mut dw, mut db) = (io.full(&dw0)?, io.full(&db0)?);
+            io.be
+                .matmul_backward_weight(&mut dw, bias.then_some(&mut db), &dob, &xb, t, ic, oc)?;
+            io.output("dw (+=)", &dw, oc * ic)?;
+            if bias {
+                io.output("dbias (+=)", &db, oc)?;
+            }
+            Ok(())
+        });
     }
 
     // ------------------------------------------------------------ rope
@@ -264,14 +287,23 @@ fn op_list<B: Backend>(c: &mut Cases<B>) {
             io.be.swiglu_forward(&mut out, &g, t, ff)?;
             io.output("out", &out, t * ff)
         });
-        c.case(format!("swiglu_backward{tag}"), "swiglu", |io| {
-            let gu = io.randn(t * 2 * ff, 2.0);
-            let dout = io.randn(t * ff, 1.0);
-            let (g, d) = (io.input(&gu)?, io.input(&dout)?);
-            let mut dgu = io.poisoned(t * 2 * ff)?;
-            io.be.swiglu_backward(&mut dgu, &d, &g, t, ff)?;
-            io.output("dgate_up", &dgu, t * 2 * ff)
-        });
+        // With the optional output s (the forward's value, written in the same pass).
+        for with_s in [false, true] {
+            let name = format!("swiglu_backward{tag}{}", if with_s { "[s]" } else { "" });
+            c.case(name, "swiglu", |io| {
+                let gu = io.randn(t * 2 * ff, 2.0);
+                let dout = io.randn(t * ff, 1.0);
+                let (g, d) = (io.input(&gu)?, io.input(&dout)?);
+                let (mut dgu, mut s) = (io.poisoned(t * 2 * ff)?, io.poisoned(t * ff)?);
+                let s_out = with_s.then_some(&mut s);
+                io.be.swiglu_backward(&mut dgu, s_out, &d, &g, t, ff)?;
+                io.output("dgate_up", &dgu, t * 2 * ff)?;
+                if with_s {
+                    io.output("s", &s, t * ff)?;
+                }
+                Ok(())
+            });
+        }
     }
     // n = T C takes the CUDA `_vec8` add (n % 8 == 0), T C + 3 the scalar one.
     for (tag, n) in [("", t * C), ("[n%8!=0]", t * C + 3)] {

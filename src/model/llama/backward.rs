@@ -93,23 +93,14 @@ impl<B: Backend> Llama<B> {
         let w = &self.params;
         let gw = |i| gemm_weight::<B>(&self.working, &self.params, i);
 
-        // r2 = r1 + s Wdown^T, with s recomputed from gate_up (not kept by the forward). With
-        // `recompute` the layer's forward has just run and left this layer's s in scratch.
-        if !self.recompute {
-            be.swiglu_forward(&mut s.s, &a.gate_up, t, m.f)?;
-        }
-        be.matmul_backward(
-            &mut s.ds,
-            &mut g[p.wdown],
-            None,
-            &s.dres,
-            &s.s,
-            gw(p.wdown),
-            t,
-            m.f,
-            m.c,
-        )?;
-        be.swiglu_backward(&mut s.dgate_up, &s.ds, &a.gate_up, t, m.f)?;
+        // r2 = r1 + s Wdown^T. ds = dres Wdown first; the SwiGLU backward then also writes
+        // s = silu(gate) up (not kept by the forward) in the same pass over gate_up, and only
+        // then dWdown += dres^T s. With `recompute` the layer's forward has just run and left
+        // this layer's s in scratch, so the backward writes no second copy.
+        be.matmul_backward_input(&mut s.ds, &s.dres, gw(p.wdown), t, m.f, m.c)?;
+        let s_out = (!self.recompute).then_some(&mut s.s);
+        be.swiglu_backward(&mut s.dgate_up, s_out, &s.ds, &a.gate_up, t, m.f)?;
+        be.matmul_backward_weight(&mut g[p.wdown], None, &s.dres, &s.s, t, m.f, m.c)?;
         be.matmul_backward(
             &mut s.dn,
             &mut g[p.wgate_up],

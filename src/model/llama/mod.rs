@@ -20,8 +20,9 @@
 //! after any change through [`Llama::params_mut`].
 //!
 //! Memory: a layer keeps n1, rstd1, qkv, att, lse, r1, n2, rstd2 and gate_up for its backward;
-//! s = silu(gate) * up is recomputed from gate_up there (one cheap element-wise pass instead
-//! of T F values per layer, 4 GB for TinyLlama at 16384 tokens).
+//! s = silu(gate) * up is not kept (T F values per layer, 4 GB for TinyLlama at 16384 tokens):
+//! the SwiGLU backward writes it again from gate_up, which it reads anyway, before the Wdown
+//! weight gradient needs it.
 
 use crate::backend::{AttnDims, Backend, BackendError};
 use crate::config::ModelConfig;
@@ -106,8 +107,8 @@ impl<B: Backend> LayerActs<B> {
     }
 }
 
-/// Scratch shared by all layers: s (forward, and recomputed in the backward) and the
-/// gradients of one layer.
+/// Scratch shared by all layers: s (forward, and written again by the SwiGLU backward) and
+/// the gradients of one layer.
 struct Scratch<B: Backend> {
     s: B::Buf,
     dres: B::Buf,

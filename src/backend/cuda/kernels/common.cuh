@@ -7,6 +7,8 @@
 // A float tensor whose storage is f32 or bf16, chosen per buffer at run time (Rust: `Ten` in
 // buf.rs, same 16-byte layout). Kernels do their math in f32: `ld` widens, `st` rounds to
 // nearest even. The dtype test is uniform across a launch, so the branch costs no divergence.
+// An optional output that is absent comes as p == nullptr (`CudaBackend::ten_opt`); kernels
+// test `t.p` (uniform too) and skip its stores.
 struct Ten {
     void* p;
     int bf16;

@@ -4,6 +4,11 @@
 // out, dout [T, F]. Nothing extra is saved: the backward reads gate_up again.
 //   swiglu_forward:  s = sigmoid(gate), silu = gate s,  out = silu up            overwritten
 //   swiglu_backward: dgate = dout up s (1 + gate (1 - s)),  dup = dout silu   overwritten
+//                    and, when the optional `out` is present (out.p != nullptr), out = silu up
+//                    as the forward computes it ((gate s) up, bitwise the forward's value),
+//                    overwritten: the model's Wdown weight gradient reads it, and the forward
+//                    does not keep it. One more store of a value already in registers, instead
+//                    of a separate forward pass re-reading gate_up (T 2F) and writing out.
 // sigmoid(x) = 1 / (1 + expf(-x)) with the precise expf (the CPU uses a 2-ulp Cephes exp):
 // x < -88 gives expf = inf, s = 0, as on the CPU.
 //
@@ -29,7 +34,8 @@ extern "C" __global__ void swiglu_forward(Ten out, Ten gate_up, int T, int F) {
     st(out, (long long)t * F + f, g * swiglu_sigmoid(g) * u);
 }
 
-extern "C" __global__ void swiglu_backward(Ten dgate_up, Ten dout, Ten gate_up, int T, int F) {
+extern "C" __global__ void swiglu_backward(Ten dgate_up, Ten out, Ten dout, Ten gate_up, int T,
+                                           int F) {
     int t = blockIdx.x;
     int f = blockIdx.y * blockDim.x + threadIdx.x;
     if (t >= T || f >= F) return;
@@ -39,6 +45,7 @@ extern "C" __global__ void swiglu_backward(Ten dgate_up, Ten dout, Ten gate_up, 
     float s = swiglu_sigmoid(g);
     st(dgate_up, row2 + f, d * u * s * (1.0f + g * (1.0f - s)));
     st(dgate_up, row2 + F + f, d * g * s);
+    if (out.p) st(out, (long long)t * F + f, g * s * u);
 }
 
 extern "C" __global__ void swiglu_forward_vec8(Ten out, Ten gate_up, int T, int F) {
@@ -54,8 +61,8 @@ extern "C" __global__ void swiglu_forward_vec8(Ten out, Ten gate_up, int T, int 
     st8(out, (long long)t * F + f, o);
 }
 
-extern "C" __global__ void swiglu_backward_vec8(Ten dgate_up, Ten dout, Ten gate_up, int T,
-                                                int F) {
+extern "C" __global__ void swiglu_backward_vec8(Ten dgate_up, Ten out, Ten dout, Ten gate_up,
+                                                int T, int F) {
     int t = blockIdx.x;
     int f = (blockIdx.y * blockDim.x + threadIdx.x) * 8;
     if (t >= T || f >= F) return;
@@ -69,7 +76,9 @@ extern "C" __global__ void swiglu_backward_vec8(Ten dgate_up, Ten dout, Ten gate
         float s = swiglu_sigmoid(g[k]);
         dg[k] = d[k] * u[k] * s * (1.0f + g[k] * (1.0f - s));
         du[k] = d[k] * g[k] * s;
+        g[k] = g[k] * s * u[k];  // out = silu up; g[k] is not read again
     }
     st8(dgate_up, row2 + f, dg);
     st8(dgate_up, row2 + F + f, du);
+    if (out.p) st8(out, (long long)t * F + f, g);
 }

@@ -2,6 +2,7 @@
 
 use cudarc::driver::PushKernelArg;
 
+use super::elementwise::{dim_i32, prod};
 use super::need;
 use crate::backend::cuda::gemm::Mat;
 use crate::backend::cuda::{grid_1d, launch, CudaBackend, CudaBuf, DType};
@@ -76,8 +77,47 @@ pub fn forward(
     Ok(())
 }
 
-/// dx `[T, IC]` = dout w (overwritten: beta 0, cuBLAS does not read C then); dw `[OC, IC]`
-/// += dout^T x; dbias `[OC]` += column sums of dout.
+/// dx `[T, IC]` = dout w, overwritten (beta 0: cuBLAS does not read C then).
+pub fn backward_input(
+    be: &CudaBackend,
+    dx: &mut CudaBuf,
+    dout: &CudaBuf,
+    w: &CudaBuf,
+    t: usize,
+    ic: usize,
+    oc: usize,
+) -> Result<(), BackendError> {
+    const OP: &str = "matmul_backward_input";
+    need(OP, "dx [T, IC]", dx.len(), prod(OP, &[t, ic])?)?;
+    need(OP, "dout [T, OC]", dout.len(), prod(OP, &[t, oc])?)?;
+    need(OP, "w [OC, IC]", w.len(), prod(OP, &[oc, ic])?)?;
+    input_gemm(be, dx, dout, w, t, ic, oc).map(drop)
+}
+
+/// dw `[OC, IC]` += dout^T x; dbias `[OC]` += column sums of dout.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_weight(
+    be: &CudaBackend,
+    dw: &mut CudaBuf,
+    dbias: Option<&mut CudaBuf>,
+    dout: &CudaBuf,
+    x: &CudaBuf,
+    t: usize,
+    ic: usize,
+    oc: usize,
+) -> Result<(), BackendError> {
+    const OP: &str = "matmul_backward_weight";
+    need(OP, "dw [OC, IC]", dw.len(), prod(OP, &[oc, ic])?)?;
+    if let Some(db) = dbias.as_deref() {
+        need(OP, "dbias [OC]", db.len(), oc)?;
+    }
+    need(OP, "dout [T, OC]", dout.len(), prod(OP, &[t, oc])?)?;
+    need(OP, "x [T, IC]", x.len(), prod(OP, &[t, ic])?)?;
+    weight_gemm(be, dw, dbias, dout, None, x, t, ic, oc)
+}
+
+/// Both halves, [`backward_input`] then [`backward_weight`], converting an f32 dout to the
+/// operand precision once for the two GEMMs instead of twice.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     be: &CudaBackend,
@@ -91,12 +131,31 @@ pub fn backward(
     ic: usize,
     oc: usize,
 ) -> Result<(), BackendError> {
-    need("matmul_backward", "dx", dx.len(), t * ic)?;
-    need("matmul_backward", "dw", dw.len(), oc * ic)?;
-    need("matmul_backward", "dout", dout.len(), t * oc)?;
-    need("matmul_backward", "x", x.len(), t * ic)?;
-    need("matmul_backward", "w", w.len(), oc * ic)?;
-    // dx = dout w: operands dout, w.
+    const OP: &str = "matmul_backward";
+    need(OP, "dx [T, IC]", dx.len(), prod(OP, &[t, ic])?)?;
+    need(OP, "dw [OC, IC]", dw.len(), prod(OP, &[oc, ic])?)?;
+    if let Some(db) = dbias.as_deref() {
+        need(OP, "dbias [OC]", db.len(), oc)?;
+    }
+    need(OP, "dout [T, OC]", dout.len(), prod(OP, &[t, oc])?)?;
+    need(OP, "x [T, IC]", x.len(), prod(OP, &[t, ic])?)?;
+    need(OP, "w [OC, IC]", w.len(), prod(OP, &[oc, ic])?)?;
+    let ds = input_gemm(be, dx, dout, w, t, ic, oc)?;
+    weight_gemm(be, dw, dbias, dout, ds, x, t, ic, oc)
+}
+
+/// dx = dout w with beta 0 (lengths checked by the caller). Returns the converted copy of
+/// dout it made, if any, for [`weight_gemm`] to reuse.
+fn input_gemm(
+    be: &CudaBackend,
+    dx: &mut CudaBuf,
+    dout: &CudaBuf,
+    w: &CudaBuf,
+    t: usize,
+    ic: usize,
+    oc: usize,
+) -> Result<Option<CudaBuf>, BackendError> {
+    // Operands dout, w; bf16 when any of dx, dout, w is.
     let dt = operand_dtype(&[dx, dout, w]);
     let (ds, ws) = (operand(be, dout, t * oc, dt)?, operand(be, w, oc * ic, dt)?);
     be.gemm(
@@ -112,7 +171,24 @@ pub fn backward(
         Mat::of(be, dx, ic),
         1,
     )?;
-    // dw = dout^T x: operands dout, x (dw is f32 or matches them).
+    Ok(ds)
+}
+
+/// dw += dout^T x and dbias += (lengths checked by the caller); `ds` is a converted copy of
+/// dout already made by [`input_gemm`], used when it has the precision this GEMM needs.
+#[allow(clippy::too_many_arguments)]
+fn weight_gemm(
+    be: &CudaBackend,
+    dw: &mut CudaBuf,
+    dbias: Option<&mut CudaBuf>,
+    dout: &CudaBuf,
+    ds: Option<CudaBuf>,
+    x: &CudaBuf,
+    t: usize,
+    ic: usize,
+    oc: usize,
+) -> Result<(), BackendError> {
+    // Operands dout, x (dw is f32 or matches them).
     let dt = operand_dtype(&[dw, dout, x]);
     let ds = if ds.as_ref().map(CudaBuf::dtype) == Some(dt) {
         ds
@@ -134,9 +210,12 @@ pub fn backward(
         1,
     )?;
     if let Some(db) = dbias {
-        need("matmul_backward", "dbias", db.len(), oc)?;
-        let (t32, oc32) = (t as i32, oc as i32);
+        let (t32, oc32) = (
+            dim_i32("matmul_backward_weight", "T", t)?,
+            dim_i32("matmul_backward_weight", "OC", oc)?,
+        );
         let (tdb, tdo) = (be.ten(db), be.ten(dout));
+        // Checked by the caller: dbias holds OC, dout T OC.
         launch(be, "bias_add_backward", grid_1d(oc, 128), |a| {
             a.arg(&tdb).arg(&tdo).arg(&t32).arg(&oc32);
         })?;

@@ -38,35 +38,57 @@ pub fn forward(
     })
 }
 
-/// dgate_up `[T, 2F]` overwritten from dout `[T, F]` and gate_up `[T, 2F]`.
+/// dgate_up `[T, 2F]` overwritten from dout `[T, F]` and gate_up `[T, 2F]`; `out` `[T, F]`,
+/// when given, overwritten with [`forward`]'s value in the same pass.
 pub fn backward(
     be: &CudaBackend,
     dgate_up: &mut CudaBuf,
+    out: Option<&mut CudaBuf>,
     dout: &CudaBuf,
     gate_up: &CudaBuf,
     t: usize,
     f: usize,
 ) -> Result<(), BackendError> {
     const OP: &str = "swiglu_backward";
-    let n2 = prod(OP, &[t, 2, f])?;
+    let (n, n2) = (prod(OP, &[t, f])?, prod(OP, &[t, 2, f])?);
     need(OP, "dgate_up [T, 2F]", dgate_up.len(), n2)?;
-    need(OP, "dout [T, F]", dout.len(), prod(OP, &[t, f])?)?;
+    if let Some(o) = out.as_deref() {
+        need(OP, "out [T, F]", o.len(), n)?;
+    }
+    need(OP, "dout [T, F]", dout.len(), n)?;
     need(OP, "gate_up [T, 2F]", gate_up.len(), n2)?;
     if t == 0 || f == 0 {
         return Ok(());
     }
     dim_i32(OP, "2F", 2 * f)?;
     let (t32, f_i32) = (dim_i32(OP, "T", t)?, dim_i32(OP, "F", f)?);
-    // Checked: dgate_up and gate_up hold T 2F, dout T F (and 2F fits an i32).
-    let (tdg, tdo, tg) = (be.ten(dgate_up), be.ten(dout), be.ten(gate_up));
-    if vec8_ok(be, f, &[dgate_up, dout, gate_up]) {
+    let out = out.as_deref();
+    // Checked: dgate_up and gate_up hold T 2F, dout and out (when given) T F, and 2F fits an
+    // i32; an absent out is a null `Ten` the kernels skip.
+    let (tdg, to, tdo, tg) = (
+        be.ten(dgate_up),
+        be.ten_opt(out),
+        be.ten(dout),
+        be.ten(gate_up),
+    );
+    if vec8_ok(be, f, &[dgate_up, dout, gate_up]) && out.is_none_or(|o| vec8_ok(be, f, &[o])) {
         // Also checked: F % 8 == 0 and 16-byte aligned buffers; a thread covers f..f + 8.
         return launch(be, "swiglu_backward_vec8", rows_cols(OP, t, f / 8)?, |a| {
-            a.arg(&tdg).arg(&tdo).arg(&tg).arg(&t32).arg(&f_i32);
+            a.arg(&tdg)
+                .arg(&to)
+                .arg(&tdo)
+                .arg(&tg)
+                .arg(&t32)
+                .arg(&f_i32);
         });
     }
     launch(be, "swiglu_backward", rows_cols(OP, t, f)?, |a| {
-        a.arg(&tdg).arg(&tdo).arg(&tg).arg(&t32).arg(&f_i32);
+        a.arg(&tdg)
+            .arg(&to)
+            .arg(&tdo)
+            .arg(&tg)
+            .arg(&t32)
+            .arg(&f_i32);
     })
 }
 
@@ -101,15 +123,19 @@ mod tests {
         be.swiglu_forward(&mut out_g, &gu_g, t, f).unwrap();
         close("swiglu out", &down(&be, &out_g, t * f), &out_c, 1e-5);
         let mut dgu_c = vec![0.0; t * 2 * f];
-        cpu.swiglu_backward(&mut dgu_c, &dout, &gu, t, f).unwrap();
-        let mut dgu_g = up(&be, &vec![f32::NAN; t * 2 * f]);
-        be.swiglu_backward(&mut dgu_g, &up(&be, &dout), &gu_g, t, f)
+        cpu.swiglu_backward(&mut dgu_c, None, &dout, &gu, t, f)
             .unwrap();
-        close(
-            "swiglu dgate_up",
-            &down(&be, &dgu_g, t * 2 * f),
-            &dgu_c,
-            1e-5,
-        );
+        let dout_g = up(&be, &dout);
+        let mut dgu_g = up(&be, &vec![f32::NAN; t * 2 * f]);
+        be.swiglu_backward(&mut dgu_g, None, &dout_g, &gu_g, t, f)
+            .unwrap();
+        let dgu_none = down(&be, &dgu_g, t * 2 * f);
+        close("swiglu dgate_up", &dgu_none, &dgu_c, 1e-5);
+        // With the optional output: the forward's value bitwise, dgate_up unchanged.
+        let mut s_g = up(&be, &vec![f32::NAN; t * f]);
+        be.swiglu_backward(&mut dgu_g, Some(&mut s_g), &dout_g, &gu_g, t, f)
+            .unwrap();
+        assert_eq!(down(&be, &s_g, t * f), down(&be, &out_g, t * f), "s");
+        assert_eq!(down(&be, &dgu_g, t * 2 * f), dgu_none, "dgate_up with s");
     }
 }

@@ -226,11 +226,17 @@ pub trait Backend {
         self.add_inplace(acc, x, n)?;
         self.rmsnorm_forward(out, rstd, acc, weight, t, c, eps)
     }
-    /// dx `[T, C]` += (the residual stream), dweight `[C]` +=.
+    /// dx `[T, C]` += (the residual stream), dweight `[C]` +=. With `dx_copy = Some(copy)`,
+    /// copy `[T, C]` (typically an `alloc_act` buffer) is also overwritten with the updated dx
+    /// (as stored in dx, then rounded to copy's precision), in the same pass. The model passes
+    /// it as `dout` to the GEMM backwards that read the residual gradient (Wo, Wdown), so their
+    /// operand is this rounded copy: on CUDA exactly the bf16 values the GEMM would otherwise
+    /// have converted the f32 dx into, one pass over dx earlier.
     #[allow(clippy::too_many_arguments)]
     fn rmsnorm_backward(
         &self,
         dx: &mut Self::Buf,
+        dx_copy: Option<&mut Self::Buf>,
         dweight: &mut Self::Buf,
         dout: &Self::Buf,
         x: &Self::Buf,

@@ -224,6 +224,7 @@ impl Backend for CpuBackend {
     fn rmsnorm_backward(
         &self,
         dx: &mut Vec<f32>,
+        dx_copy: Option<&mut Vec<f32>>,
         dweight: &mut Vec<f32>,
         dout: &Vec<f32>,
         x: &Vec<f32>,
@@ -234,6 +235,9 @@ impl Backend for CpuBackend {
     ) -> Result<(), BackendError> {
         const OP: &str = "rmsnorm_backward";
         let n = need(OP, "dx [T, C]", dx, &[t, c])?;
+        if let Some(cp) = dx_copy.as_deref() {
+            need(OP, "dx_copy [T, C]", cp, &[t, c])?;
+        }
         need(OP, "dweight [C]", dweight, &[c])?;
         need(OP, "dout [T, C]", dout, &[t, c])?;
         need(OP, "x [T, C]", x, &[t, c])?;
@@ -241,6 +245,7 @@ impl Backend for CpuBackend {
         need(OP, "rstd [T]", rstd, &[t])?;
         rmsnorm::rmsnorm_backward(
             &mut dx[..n],
+            dx_copy.map(|cp| &mut cp[..n]),
             &mut dweight[..c],
             &dout[..n],
             &x[..n],

@@ -7,6 +7,7 @@
 //! Backward: with g = dout, gw[c] = g[t, c] weight[c],
 //!           dx[t, c]  += rstd[t] gw[c] - rstd[t]^3 x[t, c] (sum_k gw[k] x[t, k]) / C
 //!           dweight[c] += sum_t g[t, c] x[t, c] rstd[t]
+//!           optionally dx_copy[t, c] = the new dx[t, c]                   overwritten
 //!
 //! dweight is reduced deterministically: each block of `ROWS` rows sums into its own partial
 //! (t ascending), and the partials are added in block order.
@@ -44,9 +45,12 @@ pub fn rmsnorm_forward<F: Real>(
         });
 }
 
-/// dx `[T, C]` += (the residual stream), dweight `[C]` +=.
+/// dx `[T, C]` += (the residual stream), dweight `[C]` +=; `dx_copy` `[T, C]`, when given,
+/// overwritten with the new dx.
+#[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_backward<F: Real>(
     dx: &mut [F],
+    dx_copy: Option<&mut [F]>,
     dweight: &mut [F],
     dout: &[F],
     x: &[F],
@@ -92,6 +96,11 @@ pub fn rmsnorm_backward<F: Real>(
             *d = *d + *p;
         }
     }
+    // The CPU's buffers are all one precision, so the copy is exact; a second pass here, where
+    // the CUDA kernel stores it from registers.
+    if let Some(cp) = dx_copy {
+        cp.copy_from_slice(dx);
+    }
 }
 
 #[cfg(test)]
@@ -119,7 +128,7 @@ mod tests {
         rmsnorm_forward(&mut out, &mut rstd, &x, &weight, c, eps);
         let mut dx = vec![0.0; t * c];
         let mut dw = vec![0.0; c];
-        rmsnorm_backward(&mut dx, &mut dw, &g, &x, &weight, &rstd, c);
+        rmsnorm_backward(&mut dx, None, &mut dw, &g, &x, &weight, &rstd, c);
         check_grad("rmsnorm dx", &dx, &x, |xp| f(xp, &weight));
         check_grad("rmsnorm dweight", &dw, &weight, |wp| f(&x, wp));
     }

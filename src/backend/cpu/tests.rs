@@ -63,19 +63,30 @@ fn backwards_accumulate_or_overwrite_as_the_trait_says() {
     assert!(doubled(&dw1, &dw), "matmul dw {dw1:?} {dw:?}");
     assert!(doubled(&db1, &db), "matmul db");
 
-    // rmsnorm: dx, dweight +=.
+    // rmsnorm: dx, dweight +=; dx_copy overwritten with the new dx.
     let weight = f32s(&mut rng, c);
     let g = f32s(&mut rng, t * c);
     let (mut out, mut rstd) = (vec![0.0; t * c], vec![0.0; t]);
     be.rmsnorm_forward(&mut out, &mut rstd, &x, &weight, t, c, 1e-5)
         .unwrap();
-    let (mut dx, mut dwt) = (vec![0.0; t * c], vec![0.0; c]);
-    be.rmsnorm_backward(&mut dx, &mut dwt, &g, &x, &weight, &rstd, t, c)
+    let (mut dx, mut dwt, mut cp) = (vec![0.0; t * c], vec![0.0; c], vec![f32::NAN; t * c]);
+    be.rmsnorm_backward(&mut dx, None, &mut dwt, &g, &x, &weight, &rstd, t, c)
         .unwrap();
     let (dx1, dwt1) = (dx.clone(), dwt.clone());
-    be.rmsnorm_backward(&mut dx, &mut dwt, &g, &x, &weight, &rstd, t, c)
-        .unwrap();
+    be.rmsnorm_backward(
+        &mut dx,
+        Some(&mut cp),
+        &mut dwt,
+        &g,
+        &x,
+        &weight,
+        &rstd,
+        t,
+        c,
+    )
+    .unwrap();
     assert!(doubled(&dx1, &dx) && doubled(&dwt1, &dwt), "rmsnorm");
+    assert_eq!(cp, dx, "rmsnorm dx_copy");
 
     // embedding: dwte +=.
     let tokens: Vec<i32> = (0..t as i32).map(|i| i % v as i32).collect();
@@ -208,7 +219,7 @@ fn zero_sized_dims_are_no_ops() {
             .unwrap();
         be.rmsnorm_forward(&mut a, &mut b, &z, &z, t, k, 1e-5)
             .unwrap();
-        be.rmsnorm_backward(&mut a, &mut b, &z, &z, &z, &z, t, k)
+        be.rmsnorm_backward(&mut a, Some(&mut c), &mut b, &z, &z, &z, &z, t, k)
             .unwrap();
         be.matmul_forward(&mut a, &z, &z, Some(&z), t, k, 2)
             .unwrap();
@@ -290,7 +301,12 @@ fn short_buffers_are_shape_errors_naming_the_op() {
     );
     let mut s = short.clone();
     assert_eq!(
-        op_of(be.rmsnorm_backward(&mut a, &mut s, &ok, &ok, &ok, &ok, t, c)),
+        op_of(be.rmsnorm_backward(&mut a, None, &mut s, &ok, &ok, &ok, &ok, t, c)),
+        "rmsnorm_backward"
+    );
+    let mut s2 = short.clone();
+    assert_eq!(
+        op_of(be.rmsnorm_backward(&mut a, Some(&mut s2), &mut b, &ok, &ok, &ok, &ok, t, c)),
         "rmsnorm_backward"
     );
     assert_eq!(
@@ -517,7 +533,7 @@ fn layer_fwd_bwd(be: &CpuBackend, l: &Layer, seed: u64, timed: bool) -> Vec<f32>
     be.swiglu_backward(&mut dgu, None, &dsw, &gu, t, f).unwrap();
     be.matmul_backward(&mut dn2, &mut dwgu, None, &dgu, &n2, &wgu, t, c, 2 * f)
         .unwrap();
-    be.rmsnorm_backward(&mut dx2, &mut dln2, &dn2, &x2, &ln2, &r2, t, c)
+    be.rmsnorm_backward(&mut dx2, None, &mut dln2, &dn2, &x2, &ln2, &r2, t, c)
         .unwrap();
     let mut dx = dx2.clone();
     let (mut datt, mut dqkv, mut dn1) = (z(t * c), z(t * qkvw), z(t * c));
@@ -530,7 +546,7 @@ fn layer_fwd_bwd(be: &CpuBackend, l: &Layer, seed: u64, timed: bool) -> Vec<f32>
     be.rope_backward(&mut dqkv, &pos, &inv_freq, dims).unwrap();
     be.matmul_backward(&mut dn1, &mut dwqkv, None, &dqkv, &n1, &wqkv, t, c, qkvw)
         .unwrap();
-    be.rmsnorm_backward(&mut dx, &mut dln1, &dn1, &x, &ln1, &r1, t, c)
+    be.rmsnorm_backward(&mut dx, None, &mut dln1, &dn1, &x, &ln1, &r1, t, c)
         .unwrap();
     if timed {
         eprintln!(

@@ -399,6 +399,7 @@ impl Backend for CudaBackend {
     fn rmsnorm_backward(
         &self,
         dx: &mut Self::Buf,
+        dx_copy: Option<&mut Self::Buf>,
         dweight: &mut Self::Buf,
         dout: &Self::Buf,
         x: &Self::Buf,
@@ -407,7 +408,7 @@ impl Backend for CudaBackend {
         t: usize,
         c: usize,
     ) -> Result<(), BackendError> {
-        ops::rmsnorm::backward(self, dx, dweight, dout, x, weight, rstd, t, c)
+        ops::rmsnorm::backward(self, dx, dx_copy, dweight, dout, x, weight, rstd, t, c)
     }
     fn matmul_forward(
         &self,

@@ -105,31 +105,44 @@ fn op_list<B: Backend>(c: &mut Cases<B>) {
             io.output("out", &out, t * cc)?;
             io.output("rstd", &rstd, t)
         });
-        c.case(format!("rmsnorm_backward{tag}"), "rmsnorm", |io| {
-            let x = io.randn(t * cc, 2.0);
-            let w = io.uniform(cc, 0.5, 1.5);
-            let dout = io.randn(t * cc, 1.0);
-            let rstd: Vec<f32> = x
-                .chunks(cc)
-                .map(|r| {
-                    let ms = r.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / cc as f64;
-                    (1.0 / (ms + 1e-5).sqrt()) as f32
-                })
-                .collect();
-            let (dx0, dw0) = (io.randn(t * cc, 1.0), io.randn(cc, 1.0));
-            let (xb, wb, db, rb) = (
-                io.input(&x)?,
-                io.full(&w)?,
-                io.input(&dout)?,
-                io.full(&rstd)?,
+        // With the optional dx_copy (activation kind: the model's dres_act, the GEMMs' dout).
+        for with_copy in [false, true] {
+            let name = format!(
+                "rmsnorm_backward{tag}{}",
+                if with_copy { "[dx_copy]" } else { "" }
             );
-            // dx is the model's dres: full precision.
-            let (mut dx, mut dw) = (io.full(&dx0)?, io.full(&dw0)?);
-            io.be
-                .rmsnorm_backward(&mut dx, &mut dw, &db, &xb, &wb, &rb, t, cc)?;
-            io.output("dx (+=)", &dx, t * cc)?;
-            io.output("dweight (+=)", &dw, cc)
-        });
+            c.case(name, "rmsnorm", |io| {
+                let x = io.randn(t * cc, 2.0);
+                let w = io.uniform(cc, 0.5, 1.5);
+                let dout = io.randn(t * cc, 1.0);
+                let rstd: Vec<f32> = x
+                    .chunks(cc)
+                    .map(|r| {
+                        let ms = r.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / cc as f64;
+                        (1.0 / (ms + 1e-5).sqrt()) as f32
+                    })
+                    .collect();
+                let (dx0, dw0) = (io.randn(t * cc, 1.0), io.randn(cc, 1.0));
+                let (xb, wb, db, rb) = (
+                    io.input(&x)?,
+                    io.full(&w)?,
+                    io.input(&dout)?,
+                    io.full(&rstd)?,
+                );
+                // dx is the model's dres: full precision.
+                let (mut dx, mut dw) = (io.full(&dx0)?, io.full(&dw0)?);
+                let mut cp = io.poisoned(t * cc)?;
+                let copy = with_copy.then_some(&mut cp);
+                io.be
+                    .rmsnorm_backward(&mut dx, copy, &mut dw, &db, &xb, &wb, &rb, t, cc)?;
+                io.output("dx (+=)", &dx, t * cc)?;
+                io.output("dweight (+=)", &dw, cc)?;
+                if with_copy {
+                    io.output("dx_copy", &cp, t * cc)?;
+                }
+                Ok(())
+            });
+        }
     }
 
     // ------------------------------------------------------------ matmul

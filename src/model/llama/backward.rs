@@ -40,10 +40,11 @@ impl<B: Backend> Llama<B> {
         let t = batch.t;
         let n_layers = self.layout.layers.len();
 
-        // Final norm: dres = d r_L.
+        // Final norm: dres = d r_L (and its activation-precision copy for layer L-1's Wdown).
         be.zero(&mut self.scratch.dres, t * m.c)?;
         be.rmsnorm_backward(
             &mut self.scratch.dres,
+            Some(&mut self.scratch.dres_act),
             &mut self.grads[self.layout.ln_f],
             &self.scratch.dn,
             &self.residual[n_layers],
@@ -96,11 +97,12 @@ impl<B: Backend> Llama<B> {
         // r2 = r1 + s Wdown^T. ds = dres Wdown first; the SwiGLU backward then also writes
         // s = silu(gate) up (not kept by the forward) in the same pass over gate_up, and only
         // then dWdown += dres^T s. With `recompute` the layer's forward has just run and left
-        // this layer's s in scratch, so the backward writes no second copy.
-        be.matmul_backward_input(&mut s.ds, &s.dres, gw(p.wdown), t, m.f, m.c)?;
+        // this layer's s in scratch, so the backward writes no second copy. Both GEMMs read
+        // dres as `dres_act`, the rounded copy the last rmsnorm backward wrote.
+        be.matmul_backward_input(&mut s.ds, &s.dres_act, gw(p.wdown), t, m.f, m.c)?;
         let s_out = (!self.recompute).then_some(&mut s.s);
         be.swiglu_backward(&mut s.dgate_up, s_out, &s.ds, &a.gate_up, t, m.f)?;
-        be.matmul_backward_weight(&mut g[p.wdown], None, &s.dres, &s.s, t, m.f, m.c)?;
+        be.matmul_backward_weight(&mut g[p.wdown], None, &s.dres_act, &s.s, t, m.f, m.c)?;
         be.matmul_backward(
             &mut s.dn,
             &mut g[p.wgate_up],
@@ -112,9 +114,10 @@ impl<B: Backend> Llama<B> {
             m.c,
             2 * m.f,
         )?;
-        // dres += rmsnorm'(dn2): now dres = d r1.
+        // dres += rmsnorm'(dn2): now dres = d r1, and dres_act its copy for the Wo backward.
         be.rmsnorm_backward(
             &mut s.dres,
+            Some(&mut s.dres_act),
             &mut g[p.ln2],
             &s.dn,
             &a.r1,
@@ -129,7 +132,7 @@ impl<B: Backend> Llama<B> {
             &mut s.datt,
             &mut g[p.wo],
             None,
-            &s.dres,
+            &s.dres_act,
             &a.att,
             gw(p.wo),
             t,
@@ -179,9 +182,11 @@ impl<B: Backend> Llama<B> {
                 m.qkv,
             )?,
         }
-        // dres += rmsnorm'(dn1): now dres = d r0.
+        // dres += rmsnorm'(dn1): now dres = d r0, copied for layer l-1's Wdown backward (layer
+        // 0's is read only by the embedding backward, which takes the f32 dres).
         be.rmsnorm_backward(
             &mut s.dres,
+            (l > 0).then_some(&mut s.dres_act),
             &mut g[p.ln1],
             &s.dn,
             &self.residual[l],

@@ -17,7 +17,10 @@
 //! full precision (`Backend::alloc`); activations, the other gradient scratch and the working
 //! copies of the GEMM weights are in the backend's activation precision (`alloc_act`: bf16 on
 //! CUDA). The working copies are refreshed from the f32 parameters before the first forward
-//! after any change through [`Llama::params_mut`].
+//! after any change through [`Llama::params_mut`]. The GEMM backwards that read the residual
+//! gradient (Wo, Wdown) take `dres_act`, dres rounded to the activation precision, which each
+//! rmsnorm backward writes as it updates dres: the very bf16 operand the GEMM would otherwise
+//! convert dres into (so the numbers are unchanged), without that extra pass over dres.
 //!
 //! Memory: a layer keeps n1, rstd1, qkv, att, lse, r1, n2, rstd2 and gate_up for its backward;
 //! s = silu(gate) * up is not kept (T F values per layer, 4 GB for TinyLlama at 16384 tokens):
@@ -112,6 +115,9 @@ impl<B: Backend> LayerActs<B> {
 struct Scratch<B: Backend> {
     s: B::Buf,
     dres: B::Buf,
+    /// dres in the activation precision, written by every rmsnorm backward beside dres: the
+    /// `dout` operand of the Wdown and Wo backward GEMMs.
+    dres_act: B::Buf,
     dn: B::Buf,
     dqkv: B::Buf,
     datt: B::Buf,
@@ -288,6 +294,7 @@ impl<B: Backend> Llama<B> {
         let scratch = Scratch {
             s: be.alloc_act(cap * dims.f)?,
             dres: be.alloc(cap * dims.c)?,
+            dres_act: be.alloc_act(cap * dims.c)?,
             dn: be.alloc_act(cap * dims.c)?,
             dqkv: be.alloc_act(cap * dims.qkv)?,
             datt: be.alloc_act(cap * dims.h * dims.d)?,

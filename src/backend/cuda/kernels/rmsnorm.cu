@@ -6,7 +6,12 @@
 //   backward: with g = dout, gw[c] = g[t, c] weight[c],
 //             dx[t, c]   += rstd[t] gw[c] - rstd[t]^3 x[t, c] (sum_k gw[k] x[t, k]) / C
 //             dweight[c] += sum_t g[t, c] x[t, c] rstd[t]
-//   dx += (the residual stream), dweight += (a weight gradient).
+//             dx_copy[t, c] = the new dx[t, c] (optional: dx_copy.p == nullptr skips it)
+//   dx += (the residual stream), dweight += (a weight gradient), dx_copy overwritten.
+//   The new dx is rounded to dx's precision first (a no-op for the model's f32 dres), so the
+//   copy is what a later `ld` of dx returns, rounded to the copy's precision: for a bf16 copy
+//   of an f32 dx the same bits as converting dx afterwards (elementwise `convert`), without
+//   reading dx again. The model's Wo and Wdown backward GEMMs take that copy as their operand.
 //
 // Fused with the residual add (add_rmsnorm_forward, the second norm of a layer):
 //   acc[t, c] += x[t, c]  (acc becomes the residual sum, +=), then rstd, out = rmsnorm(acc)
@@ -133,8 +138,8 @@ extern "C" __global__ void add_rmsnorm_forward_vec8(Ten out, Ten rstd, Ten acc, 
     }
 }
 
-extern "C" __global__ void rmsnorm_backward_dx(Ten dx, Ten dout, Ten x, Ten weight, Ten rstd,
-                                               int T, int C) {
+extern "C" __global__ void rmsnorm_backward_dx(Ten dx, Ten dx_copy, Ten dout, Ten x, Ten weight,
+                                               Ten rstd, int T, int C) {
     int warps = blockDim.x >> 5, lane = threadIdx.x & 31;
     int t = blockIdx.x * warps + (threadIdx.x >> 5);
     if (t >= T) return;
@@ -147,12 +152,14 @@ extern "C" __global__ void rmsnorm_backward_dx(Ten dx, Ten dout, Ten x, Ten weig
     float k = rs * rs * rs * dot * (1.0f / (float)C);
     for (int c = lane; c < C; c += 32) {
         long long i = row + c;
-        st(dx, i, ld(dx, i) + rs * ld(dout, i) * ld(weight, c) - k * ld(x, i));
+        float v = rnd(dx, ld(dx, i) + rs * ld(dout, i) * ld(weight, c) - k * ld(x, i));
+        st(dx, i, v);
+        if (dx_copy.p) st(dx_copy, i, v);
     }
 }
 
-extern "C" __global__ void rmsnorm_backward_dx_vec8(Ten dx, Ten dout, Ten x, Ten weight,
-                                                    Ten rstd, int T, int C) {
+extern "C" __global__ void rmsnorm_backward_dx_vec8(Ten dx, Ten dx_copy, Ten dout, Ten x,
+                                                    Ten weight, Ten rstd, int T, int C) {
     int warps = blockDim.x >> 5, lane = threadIdx.x & 31;
     int t = blockIdx.x * warps + (threadIdx.x >> 5);
     if (t >= T) return;
@@ -177,8 +184,9 @@ extern "C" __global__ void rmsnorm_backward_dx_vec8(Ten dx, Ten dout, Ten x, Ten
         ld8(weight, c, w);
         ld8(x, i, v);
 #pragma unroll
-        for (int j = 0; j < 8; j++) d[j] = d[j] + rs * g[j] * w[j] - k * v[j];
-        st8(dx, i, d);
+        for (int j = 0; j < 8; j++) d[j] = rnd(dx, d[j] + rs * g[j] * w[j] - k * v[j]);
+        st8(dx, i, d);  // already rounded: stored exactly
+        if (dx_copy.p) st8(dx_copy, i, d);
     }
 }
 

@@ -116,11 +116,13 @@ pub fn add_forward(
     })
 }
 
-/// dx `[T, C]` += (the residual stream), dweight `[C]` += (deterministic).
+/// dx `[T, C]` += (the residual stream), dweight `[C]` += (deterministic); `dx_copy` `[T, C]`,
+/// when given, overwritten with the new dx rounded to its precision, by the same kernel.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     be: &CudaBackend,
     dx: &mut CudaBuf,
+    dx_copy: Option<&mut CudaBuf>,
     dweight: &mut CudaBuf,
     dout: &CudaBuf,
     x: &CudaBuf,
@@ -132,6 +134,9 @@ pub fn backward(
     const OP: &str = "rmsnorm_backward";
     let n = prod(OP, &[t, c])?;
     need(OP, "dx [T, C]", dx.len(), n)?;
+    if let Some(cp) = dx_copy.as_deref() {
+        need(OP, "dx_copy [T, C]", cp.len(), n)?;
+    }
     need(OP, "dweight [C]", dweight.len(), c)?;
     need(OP, "dout [T, C]", dout.len(), n)?;
     need(OP, "x [T, C]", x.len(), n)?;
@@ -141,17 +146,22 @@ pub fn backward(
         return Ok(());
     }
     let (t32, c32) = (dim_i32(OP, "T", t)?, dim_i32(OP, "C", c)?);
-    // Checked: dx, dout, x hold T C, weight C, rstd T.
-    let (tdx, tdo, tx) = (be.ten(dx), be.ten(dout), be.ten(x));
+    let dx_copy = dx_copy.as_deref();
+    // Checked: dx, dx_copy (when given; else a null Ten the kernel skips), dout, x hold T C,
+    // weight C, rstd T.
+    let (tdx, tcp, tdo, tx) = (be.ten(dx), be.ten_opt(dx_copy), be.ten(dout), be.ten(x));
     let (tw, tr, tdw) = (be.ten(weight), be.ten(rstd), be.ten(dweight));
-    // Also checked for `_vec8`: C % 8 == 0 and 16-byte aligned dx, dout, x, weight.
-    let name = if vec8_ok(be, c, &[dx, dout, x, weight]) {
+    // Also checked for `_vec8`: C % 8 == 0 and 16-byte aligned dx, dx_copy, dout, x, weight.
+    let vec8 =
+        vec8_ok(be, c, &[dx, dout, x, weight]) && dx_copy.is_none_or(|cp| vec8_ok(be, c, &[cp]));
+    let name = if vec8 {
         "rmsnorm_backward_dx_vec8"
     } else {
         "rmsnorm_backward_dx"
     };
     launch(be, name, warp_per_row(t), |a| {
         a.arg(&tdx)
+            .arg(&tcp)
             .arg(&tdo)
             .arg(&tx)
             .arg(&tw)
@@ -198,6 +208,7 @@ pub fn backward(
 #[cfg(test)]
 mod tests {
     use super::super::elementwise::gpu_test::*;
+    use crate::backend::cuda::DType;
     use crate::backend::Backend;
 
     /// CUDA against the CPU on a GPU only; T = 2 ROWS + 45 (three dweight partials, the last
@@ -225,11 +236,14 @@ mod tests {
         close("rmsnorm out", &down(&be, &out_g, t * c), &out_c, 1e-5);
         close("rmsnorm rstd", &down(&be, &rstd_g, t), &rstd_c, 1e-5);
         let (mut dx_c, mut dw_c) = (dx0.clone(), dw0.clone());
-        cpu.rmsnorm_backward(&mut dx_c, &mut dw_c, &dout, &x, &w, &rstd_c, t, c)
+        cpu.rmsnorm_backward(&mut dx_c, None, &mut dw_c, &dout, &x, &w, &rstd_c, t, c)
             .unwrap();
         let (mut dx_g, mut dw_g) = (up(&be, &dx0), up(&be, &dw0));
+        // A bf16 copy of the new dx: the same bits as converting dx afterwards.
+        let mut cp_g = be.alloc_dtype(t * c, DType::Bf16).unwrap();
         be.rmsnorm_backward(
             &mut dx_g,
+            Some(&mut cp_g),
             &mut dw_g,
             &up(&be, &dout),
             &xg,
@@ -241,14 +255,21 @@ mod tests {
         .unwrap();
         close("rmsnorm dx", &down(&be, &dx_g, t * c), &dx_c, 1e-5);
         close("rmsnorm dweight", &down(&be, &dw_g, c), &dw_c, 1e-5);
+        let mut converted = be.alloc_dtype(t * c, DType::Bf16).unwrap();
+        be.copy(&mut converted, &dx_g, t * c).unwrap();
+        assert_eq!(
+            down(&be, &cp_g, t * c),
+            down(&be, &converted, t * c),
+            "dx copy"
+        );
         // dweight is deterministic: the same call again adds bitwise the same amount.
         let once = down(&be, &dw_g, c);
         let mut dw_h = up(&be, &once);
         let mut dw_i = up(&be, &once);
         let dout_g = up(&be, &dout);
-        be.rmsnorm_backward(&mut dx_g, &mut dw_h, &dout_g, &xg, &wg, &rstd_g, t, c)
+        be.rmsnorm_backward(&mut dx_g, None, &mut dw_h, &dout_g, &xg, &wg, &rstd_g, t, c)
             .unwrap();
-        be.rmsnorm_backward(&mut dx_g, &mut dw_i, &dout_g, &xg, &wg, &rstd_g, t, c)
+        be.rmsnorm_backward(&mut dx_g, None, &mut dw_i, &dout_g, &xg, &wg, &rstd_g, t, c)
             .unwrap();
         assert_eq!(down(&be, &dw_h, c), down(&be, &dw_i, c));
     }

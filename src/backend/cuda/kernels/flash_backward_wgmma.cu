@@ -9,10 +9,9 @@
 //     P^T = exp2(S^T scale log2 e - lse log2 e) (causal mask on the diagonal tile),
 //     dS^T = P^T (dP^T - dsum)
 //     dV += P^T dO, dK += dS^T Q          A from the accumulators, B = dO / Q, MN-major
-//   dQ, per (document, 64-row query tile, query head), over key tiles 0..=qt:
-//     S = Q K^T, dP = dO V^T (shared memory), dS = P (dP - dsum), dQ += dS K (B = K, MN-major);
-//     dS of tile kt is computed while dQ += dS K of tile kt - 1 runs, as in the forward (so K
-//     has 3 buffers, V 2).
+//   dQ, per (document, 64-row query tile, query head), over key tiles 0..=qt (K, V
+//   double-buffered):
+//     S = Q K^T, dP = dO V^T (shared memory), dS = P (dP - dsum), dQ += dS K (B = K, MN-major)
 //   then dK, dQ are scaled by 1 / sqrt(D) once at the end, as in the mma.sync kernels.
 // At D = 128 the dK/dV kernel's score stage runs in two halves of 32 queries (QC), as the
 // mma.sync kernel does, to bound the live accumulators next to dK and dV (128 registers).
@@ -178,9 +177,8 @@ __device__ __forceinline__ void flash_bwd_dq_wg(__nv_bfloat16* __restrict__ dqkv
     constexpr int TD = FA_TILE * D;
     extern __shared__ __align__(16) unsigned short fa_smem_wg[];
     unsigned short* sQ = fa_smem_base(fa_smem_wg);
-    unsigned short* sO = sQ + TD;        // dO
-    unsigned short* kring = sO + TD;     // K tiles: 3 buffers (read one step longer than V)
-    unsigned short* vring = kring + 3 * TD;  // V tiles: 2 buffers
+    unsigned short* sO = sQ + TD;   // dO
+    unsigned short* kv = sO + TD;   // two (K, V) tile pairs
     const int4 it = items[blockIdx.x / H];
     const int h = blockIdx.x % H;
     const int start = it.x, L = it.y, qt = it.z;
@@ -193,8 +191,8 @@ __device__ __forceinline__ void flash_bwd_dq_wg(__nv_bfloat16* __restrict__ dqkv
 
     fa_tile_start_sw<D>(sQ, qkv + (long)(start + q0) * W + (long)h * D, W, L - q0);
     fa_tile_start_sw<D>(sO, dout + (long)(start + q0) * HD + (long)h * D, HD, L - q0);
-    fa_tile_start_sw<D>(kring, kb, W, L);
-    fa_tile_start_sw<D>(vring, vb, W, L);
+    fa_tile_start_sw<D>(kv, kb, W, L);
+    fa_tile_start_sw<D>(kv + TD, vb, W, L);
     fa_async_commit();
     // This thread's two query rows: q0 + warp 16 + g (+ 8).
     float lse2[2], dsr[2];
@@ -209,15 +207,15 @@ __device__ __forceinline__ void flash_bwd_dq_wg(__nv_bfloat16* __restrict__ dqkv
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) dq[i] = 0.f;
 
-    // Tile kt's K and V in shared memory, tile kt + 1's copies started (every warp is past
-    // step kt - 1, so K_{kt-2} and V_{kt-1}, the buffers refilled, are free).
-    auto tiles_ready = [&](int kt) {
-        __syncthreads();
+    for (int kt = 0; kt <= qt; ++kt) {
+        const int k0 = kt * FA_TILE;
+        __syncthreads();  // every read of the buffer about to be refilled has completed
+        unsigned short* sK = kv + 2 * (kt & 1) * TD;
+        unsigned short* sV = sK + TD;
         if (kt < qt) {
-            const long next = (long)(kt + 1) * FA_TILE * W;
-            const int valid = L - (kt + 1) * FA_TILE;
-            fa_tile_start_sw<D>(kring + ((kt + 1) % 3) * TD, kb + next, W, valid);
-            fa_tile_start_sw<D>(vring + ((kt + 1) & 1) * TD, vb + next, W, valid);
+            unsigned short* nK = kv + 2 * ((kt + 1) & 1) * TD;
+            fa_tile_start_sw<D>(nK, kb + (long)(k0 + FA_TILE) * W, W, L - k0 - FA_TILE);
+            fa_tile_start_sw<D>(nK + TD, vb + (long)(k0 + FA_TILE) * W, W, L - k0 - FA_TILE);
             fa_async_commit();
             fa_async_wait<1>();
         } else {
@@ -225,11 +223,10 @@ __device__ __forceinline__ void flash_bwd_dq_wg(__nv_bfloat16* __restrict__ dqkv
         }
         fa_proxy_fence();
         __syncthreads();
-    };
-    // S = Q K^T and dP = dO V^T of key tile kt (this warp's 16 queries x 64 keys): one group.
-    auto issue_s_dp = [&](float* s, float* dp, int kt) {
-        const unsigned short* sK = kring + (kt % 3) * TD;
-        const unsigned short* sV = vring + (kt & 1) * TD;
+
+        // S = Q K^T and dP = dO V^T: this warp's 16 queries x 64 keys.
+        float s[32], dp[32];
+        fa_wg_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
             const int off = fa_k16(kk);
@@ -237,18 +234,9 @@ __device__ __forceinline__ void flash_bwd_dq_wg(__nv_bfloat16* __restrict__ dqkv
             fa_wgmma_ss_n64(dp, fa_desc(sO + off, 16), fa_desc(sV + off, 16), kk);
         }
         fa_wg_commit();
-    };
-    // dQ += dS K_kt, one k-step per 16 keys: one group.
-    auto issue_dq = [&](const unsigned (*a)[4], int kt) {
-        const unsigned short* sK = kring + (kt % 3) * TD;
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) fa_wgmma_rs_d<D>(dq, a[kk], sK + kk * 16 * 64);
-        fa_wg_commit();
-    };
-    // dS = P (dP - dsum), P = exp2(S scale log2 e - lse log2 e) (causal mask on the diagonal).
-    // s and dp are only read (their registers are a wgmma's).
-    auto grad_scores = [&](const float* s, const float* dp, int kt, float* ds) {
-        const int k0 = kt * FA_TILE;
+        fa_wg_wait<0>();
+        fa_pin<32>(s);
+        fa_pin<32>(dp);
         const bool diag = kt == qt;
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
@@ -260,50 +248,23 @@ __device__ __forceinline__ void flash_bwd_dq_wg(__nv_bfloat16* __restrict__ dqkv
                     const int key = k0 + nb * 8 + 2 * tig + e, i = 4 * nb + 2 * r + e;
                     float p = exp2f(s[i] * scale_log2 - lse2[r]);
                     if ((diag && key > q) || q >= L) p = 0.f;
-                    ds[i] = p * (dp[i] - dsr[r]);
+                    s[i] = p * (dp[i] - dsr[r]);  // dS
                 }
         }
-    };
-    auto pack = [&](const float* ds, unsigned (*a)[4]) {
+        unsigned a[4][4];
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
-            for (int i = 0; i < 4; ++i) a[kk][i] = fa_pack(ds[8 * kk + 2 * i], ds[8 * kk + 2 * i + 1]);
-    };
-
-    // As the forward: S_kt, dP_kt and dQ += dS_{kt-1} K_{kt-1} are issued together, dS_kt is
-    // computed while the dQ product runs, and packed into the registers it read once it is done.
-    unsigned a[4][4];
-    {
-        float s[32], dp[32], ds[32];
-        tiles_ready(0);
-        fa_wg_fence();
-        issue_s_dp(s, dp, 0);
-        fa_wg_wait<0>();
-        fa_pin<32>(s);
-        fa_pin<32>(dp);
-        grad_scores(s, dp, 0, ds);
-        pack(ds, a);
-    }
-    for (int kt = 1; kt <= qt; ++kt) {
-        float s[32], dp[32], ds[32];
-        tiles_ready(kt);
+            for (int i = 0; i < 4; ++i) a[kk][i] = fa_pack(s[8 * kk + 2 * i], s[8 * kk + 2 * i + 1]);
+        // dQ += dS K, one k-step per 16 keys.
         fa_pin<D / 2>(dq);
         fa_wg_fence();
-        issue_s_dp(s, dp, kt);
-        issue_dq(a, kt - 1);
-        fa_wg_wait<1>();  // S, dP are done; the dQ product may still run
-        fa_pin<32>(s);
-        fa_pin<32>(dp);
-        grad_scores(s, dp, kt, ds);
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) fa_wgmma_rs_d<D>(dq, a[kk], sK + kk * 16 * 64);
+        fa_wg_commit();
         fa_wg_wait<0>();
-        pack(ds, a);
+        fa_pin<D / 2>(dq);
     }
-    fa_pin<D / 2>(dq);
-    fa_wg_fence();
-    issue_dq(a, qt);
-    fa_wg_wait<0>();
-    fa_pin<D / 2>(dq);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int q = q0 + warp * 16 + g + r * 8;

@@ -32,6 +32,16 @@ __device__ __forceinline__ void fa_wgmma_ss_q(float* d, unsigned long long a,
         fa_wgmma_ss_n32(d, a, b, accumulate);
 }
 
+// d += A B with B a 16-row slice of an MN-major D-column tile.
+template <int D>
+__device__ __forceinline__ void fa_wgmma_rs_d(float* d, const unsigned* a,
+                                              const unsigned short* b) {
+    if constexpr (D == 64)
+        fa_wgmma_rs_n64(d, a, fa_desc(b, FA_TILE * 128));
+    else
+        fa_wgmma_rs_n128(d, a, fa_desc(b, FA_TILE * 128));
+}
+
 // Element offset of k16 step kk (columns 16 kk ..) of a swizzled tile, as a K-major operand.
 __device__ __forceinline__ int fa_k16(int kk) { return (kk >> 2) * FA_TILE * 64 + (kk & 3) * 16; }
 
@@ -112,7 +122,7 @@ __device__ __forceinline__ void flash_bwd_dkdv_wg(__nv_bfloat16* __restrict__ dq
                 fa_wgmma_ss_q<QC>(dpt, fa_desc(sV + off, 16), fa_desc(sO + offq, 16), kk);
             }
             fa_wg_commit();
-            fa_wg_wait<0>();
+            fa_wg_wait0();
             fa_pin<QC / 2>(st);
             fa_pin<QC / 2>(dpt);
 #pragma unroll
@@ -145,7 +155,7 @@ __device__ __forceinline__ void flash_bwd_dkdv_wg(__nv_bfloat16* __restrict__ dq
                 fa_wgmma_rs_d<D>(dk, as[kk], sQ + rows);
             }
             fa_wg_commit();
-            fa_wg_wait<0>();
+            fa_wg_wait0();
             fa_pin<D / 2>(dv);
             fa_pin<D / 2>(dk);
         }
@@ -234,7 +244,7 @@ __device__ __forceinline__ void flash_bwd_dq_wg(__nv_bfloat16* __restrict__ dqkv
             fa_wgmma_ss_n64(dp, fa_desc(sO + off, 16), fa_desc(sV + off, 16), kk);
         }
         fa_wg_commit();
-        fa_wg_wait<0>();
+        fa_wg_wait0();
         fa_pin<32>(s);
         fa_pin<32>(dp);
         const bool diag = kt == qt;
@@ -262,7 +272,7 @@ __device__ __forceinline__ void flash_bwd_dq_wg(__nv_bfloat16* __restrict__ dqkv
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) fa_wgmma_rs_d<D>(dq, a[kk], sK + kk * 16 * 64);
         fa_wg_commit();
-        fa_wg_wait<0>();
+        fa_wg_wait0();
         fa_pin<D / 2>(dq);
     }
 #pragma unroll

@@ -70,10 +70,8 @@ __device__ __forceinline__ void fa_wg_fence() {
 __device__ __forceinline__ void fa_wg_commit() {
     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 }
-// Wait until at most N committed wgmma groups are still running (groups complete in order).
-template <int N>
-__device__ __forceinline__ void fa_wg_wait() {
-    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+__device__ __forceinline__ void fa_wg_wait0() {
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 }
 // Shared-memory writes of the generic proxy (cp.async, st.shared) made visible to wgmma's reads.
 __device__ __forceinline__ void fa_proxy_fence() {
@@ -157,14 +155,4 @@ __device__ __forceinline__ void fa_wgmma_rs_n128(float* d, const unsigned* a,
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
 }
 
-
-// d += A B with B a 16-row slice of an MN-major tile of D (64 or 128) columns.
-template <int D>
-__device__ __forceinline__ void fa_wgmma_rs_d(float* d, const unsigned* a,
-                                              const unsigned short* b) {
-    if constexpr (D == 64)
-        fa_wgmma_rs_n64(d, a, fa_desc(b, FA_TILE * 128));
-    else
-        fa_wgmma_rs_n128(d, a, fa_desc(b, FA_TILE * 128));
-}
 #endif  // FA_WG

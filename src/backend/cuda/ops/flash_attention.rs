@@ -169,9 +169,9 @@ fn tile_bytes(d: usize) -> usize {
 /// The warpgroup kernels align their tiles to 1024 bytes inside the dynamic shared memory.
 const ALIGN_SLACK: usize = 1024;
 
-/// Warpgroup forward: Q, two K and three V tiles (V lags K by one step).
+/// Warpgroup forward: Q and the two (K, V) pipeline pairs.
 fn shared_bytes_fwd_wgmma(d: usize) -> usize {
-    6 * tile_bytes(d) + ALIGN_SLACK
+    5 * tile_bytes(d) + ALIGN_SLACK
 }
 
 /// Warpgroup dK/dV: K, V, two (Q, dO) pairs, and two lse and two dsum rows (f32).

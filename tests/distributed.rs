@@ -210,7 +210,22 @@ fn metrics_losses(run_dir: &Path) -> Vec<f64> {
         .collect()
 }
 
+/// Every step's per-rank forward + backward times were gathered: the slowest rank's is at
+/// least the mean, and both are positive (a rank's zero slot would pull the mean down).
+fn assert_rank_times(run_dir: &Path) {
+    let text = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
+    for l in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        let (max, mean) = (
+            v["compute_ms_max"].as_f64().unwrap(),
+            v["compute_ms_mean"].as_f64().unwrap(),
+        );
+        assert!(mean > 0.0 && max >= mean, "{l}");
+    }
+}
+
 fn assert_matches(run_dir: &Path, c: &Config, want: &Reference, moments: bool) {
+    assert_rank_times(run_dir);
     let got = metrics_losses(run_dir);
     assert_eq!(got.len(), want.losses.len(), "steps");
     for (i, (a, b)) in got.iter().zip(&want.losses).enumerate() {

@@ -25,6 +25,13 @@ pub struct StepMetrics {
     pub ms: f64,
     /// Real tokens / (bins x token budget) of this step.
     pub packing_efficiency: f64,
+    /// Forward + backward wall time of the step's micro-steps on the slowest rank and the mean
+    /// over ranks (ms). max / mean is the step's load imbalance: at the gradient sum every rank
+    /// waits for the slowest. (0 in files written before these fields existed.)
+    #[serde(default)]
+    pub compute_ms_max: f64,
+    #[serde(default)]
+    pub compute_ms_mean: f64,
 }
 
 /// Appends metrics to `metrics.jsonl`.
@@ -139,7 +146,19 @@ mod tests {
             tokens_per_s: 100.0,
             ms: 1.0,
             packing_efficiency: 1.0,
+            compute_ms_max: 0.8,
+            compute_ms_mean: 0.7,
         }
+    }
+
+    #[test]
+    fn lines_without_the_per_rank_times_still_read() {
+        let mut v = serde_json::to_value(m(1)).unwrap();
+        let o = v.as_object_mut().unwrap();
+        o.remove("compute_ms_max");
+        o.remove("compute_ms_mean");
+        let back: StepMetrics = serde_json::from_value(v).unwrap();
+        assert_eq!((back.compute_ms_max, back.compute_ms_mean), (0.0, 0.0));
     }
 
     #[test]

@@ -313,6 +313,12 @@ pub fn run_with<B: Backend>(
             };
         }
 
+        // This rank's forward + backward (the micro-steps end with the loss read back, which
+        // waits for this rank's compute stream only, not for the gradient sums), at slot
+        // `rank`: summed with the loss, every rank learns every rank's time.
+        let mut compute_ms = vec![0.0f64; world];
+        compute_ms[rank] = t0.elapsed().as_secs_f64() * 1e3;
+
         // ---- all-reduce: gradient sums and the loss sum across ranks. `sync` may only queue
         // the gradient sums (NCCL on the device stream); the host sum of the loss comes next, so
         // a dead or stalled peer is named by the host communicator before this rank waits on
@@ -326,9 +332,10 @@ pub fn run_with<B: Backend>(
             }
         }
         if world > 1 && shards.is_none() {
-            let mut sums = [loss_sum];
+            let mut sums = [&[loss_sum][..], &compute_ms].concat();
             comm.all_reduce_sum_f64(&mut sums)?;
             loss_sum = sums[0];
+            compute_ms.copy_from_slice(&sums[1..]);
         }
         let owned_grads: Vec<(&B::Buf, usize)> = opt
             .owned
@@ -343,7 +350,10 @@ pub fn run_with<B: Backend>(
         let mut sums = [loss_sum, owned_sq];
         drop(owned_grads);
         if world > 1 && shards.is_some() {
-            comm.all_reduce_sum_f64(&mut sums)?;
+            let mut all = [&sums[..], &compute_ms].concat();
+            comm.all_reduce_sum_f64(&mut all)?;
+            sums.copy_from_slice(&all[..2]);
+            compute_ms.copy_from_slice(&all[2..]);
         }
         let (loss_sum, grad_sq) = (sums[0], sums[1]);
         let loss = loss_sum / step_targets.max(1) as f64;
@@ -411,6 +421,8 @@ pub fn run_with<B: Backend>(
             tokens_per_s: step_tokens as f64 / secs.max(1e-9),
             ms: secs * 1e3,
             packing_efficiency: efficiency,
+            compute_ms_max: compute_ms.iter().copied().fold(0.0, f64::max),
+            compute_ms_mean: compute_ms.iter().sum::<f64>() / world as f64,
         };
         if root {
             tracing::info!(

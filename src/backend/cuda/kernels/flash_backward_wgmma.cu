@@ -16,13 +16,14 @@
 // At D = 128 the dK/dV kernel's score stage runs in two halves of 32 queries (QC), as the
 // mma.sync kernel does, to bound the live accumulators next to dK and dV (128 registers).
 
-#if FA_WG
 // At D = 64 holding the A fragments costs the third block per SM (the kernels would spill
 // under its 168-register bound): FA_BWD_A_REGS_D64 trades them (1: A in registers, two blocks).
 #ifndef FA_BWD_A_REGS_D64
 #define FA_BWD_A_REGS_D64 0
 #endif
 #define FA_BWD_MINB_D64 (FA_BWD_A_REGS_D64 ? 2 : 3)
+
+#if FA_WG
 template <int D>
 struct FaWgBwd {
     static constexpr int QC = D == 64 ? 64 : 32;  // query columns per score pass (dK/dV)

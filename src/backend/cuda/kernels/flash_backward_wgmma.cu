@@ -16,34 +16,11 @@
 // At D = 128 the dK/dV kernel's score stage runs in two halves of 32 queries (QC), as the
 // mma.sync kernel does, to bound the live accumulators next to dK and dV (128 registers).
 
-// At D = 64 holding the A fragments costs the third block per SM (the kernels would spill
-// under its 168-register bound): FA_BWD_A_REGS_D64 trades them (1: A in registers, two blocks).
-#ifndef FA_BWD_A_REGS_D64
-#define FA_BWD_A_REGS_D64 0
-#endif
-#define FA_BWD_MINB_D64 (FA_BWD_A_REGS_D64 ? 2 : 3)
-
 #if FA_WG
 template <int D>
 struct FaWgBwd {
     static constexpr int QC = D == 64 ? 64 : 32;  // query columns per score pass (dK/dV)
-    // The A operands that stay the same over a block's whole loop (K and V in the dK/dV
-    // kernel, Q and dO in the dQ kernel) are held as register fragments, so those products
-    // read only B from shared memory (an m64n64k16 with both operands there exactly saturates
-    // its bandwidth). Not for the D = 128 dK/dV kernel: dK and dV already take 128 registers.
-    static constexpr bool DKDV_A_REGS = D == 64 && FA_BWD_A_REGS_D64;
-    static constexpr bool DQ_A_REGS = D == 128 || FA_BWD_A_REGS_D64;
 };
-
-// A fragments of this warp's 16 rows of a swizzled 64 x D tile, D / 16 k-steps (ldmatrix
-// matrices (0,0) (8,0) (0,8) (8,8) of each 16 x 16 block: a0..a3, as fa_a_addr).
-template <int D>
-__device__ __forceinline__ void fa_load_a(unsigned (*a)[4], const unsigned short* tile) {
-    const int lane = threadIdx.x & 31;
-    const int row = (threadIdx.x >> 5) * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) fa_ldsm(a[kk], tile + fa_sw(row, kk * 16 + (lane >> 4) * 8));
-}
 
 // d (+)= A B^T over one k16 step with n = QC (32 or 64) columns.
 template <int QC>
@@ -113,8 +90,6 @@ __device__ __forceinline__ void flash_bwd_dkdv_wg(__nv_bfloat16* __restrict__ dq
     fa_tile_start_sw<D>(sV, qkv + (long)(start + k0) * W + (long)(H + Hkv + hk) * D, W, L - k0);
     start_step(0);  // joins K and V's copies in one group
 
-    constexpr bool AR = FaWgBwd<D>::DKDV_A_REGS;
-    unsigned kf[AR ? D / 16 : 1][4], vf[AR ? D / 16 : 1][4];  // K, V A fragments (AR)
     float dk[D / 2], dv[D / 2];
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) dk[i] = dv[i] = 0.f;
@@ -135,12 +110,6 @@ __device__ __forceinline__ void flash_bwd_dkdv_wg(__nv_bfloat16* __restrict__ dq
         fa_proxy_fence();
         __syncthreads();
         const bool diag = q0 == k0;
-        if constexpr (AR) {
-            if (j == 0) {
-                fa_load_a<D>(kf, sK);
-                fa_load_a<D>(vf, sV);
-            }
-        }
 #pragma unroll
         for (int qc = 0; qc < FA_TILE / QC; ++qc) {
             // S^T, dP^T: this warp's 16 keys x QC queries (queries qc QC ..).
@@ -149,13 +118,8 @@ __device__ __forceinline__ void flash_bwd_dkdv_wg(__nv_bfloat16* __restrict__ dq
 #pragma unroll
             for (int kk = 0; kk < D / 16; ++kk) {
                 const int off = fa_k16(kk), offq = off + qc * QC * 64;
-                if constexpr (AR) {
-                    fa_wgmma_rs_n64_k(st, kf[kk], fa_desc(sQ + offq, 16), kk);
-                    fa_wgmma_rs_n64_k(dpt, vf[kk], fa_desc(sO + offq, 16), kk);
-                } else {
-                    fa_wgmma_ss_q<QC>(st, fa_desc(sK + off, 16), fa_desc(sQ + offq, 16), kk);
-                    fa_wgmma_ss_q<QC>(dpt, fa_desc(sV + off, 16), fa_desc(sO + offq, 16), kk);
-                }
+                fa_wgmma_ss_q<QC>(st, fa_desc(sK + off, 16), fa_desc(sQ + offq, 16), kk);
+                fa_wgmma_ss_q<QC>(dpt, fa_desc(sV + off, 16), fa_desc(sO + offq, 16), kk);
             }
             fa_wg_commit();
             fa_wg_wait0();
@@ -249,8 +213,6 @@ __device__ __forceinline__ void flash_bwd_dq_wg(__nv_bfloat16* __restrict__ dqkv
         lse2[r] = q < L ? lse[idx] * FA_LOG2E : 0.f;
         dsr[r] = q < L ? dsum[idx] : 0.f;
     }
-    constexpr bool AR = FaWgBwd<D>::DQ_A_REGS;
-    unsigned qf[AR ? D / 16 : 1][4], of[AR ? D / 16 : 1][4];  // Q, dO A fragments (AR)
     float dq[D / 2];
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) dq[i] = 0.f;
@@ -272,25 +234,14 @@ __device__ __forceinline__ void flash_bwd_dq_wg(__nv_bfloat16* __restrict__ dqkv
         fa_proxy_fence();
         __syncthreads();
 
-        if constexpr (AR) {
-            if (kt == 0) {
-                fa_load_a<D>(qf, sQ);
-                fa_load_a<D>(of, sO);
-            }
-        }
         // S = Q K^T and dP = dO V^T: this warp's 16 queries x 64 keys.
         float s[32], dp[32];
         fa_wg_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
             const int off = fa_k16(kk);
-            if constexpr (AR) {
-                fa_wgmma_rs_n64_k(s, qf[kk], fa_desc(sK + off, 16), kk);
-                fa_wgmma_rs_n64_k(dp, of[kk], fa_desc(sV + off, 16), kk);
-            } else {
-                fa_wgmma_ss_n64(s, fa_desc(sQ + off, 16), fa_desc(sK + off, 16), kk);
-                fa_wgmma_ss_n64(dp, fa_desc(sO + off, 16), fa_desc(sV + off, 16), kk);
-            }
+            fa_wgmma_ss_n64(s, fa_desc(sQ + off, 16), fa_desc(sK + off, 16), kk);
+            fa_wgmma_ss_n64(dp, fa_desc(sO + off, 16), fa_desc(sV + off, 16), kk);
         }
         fa_wg_commit();
         fa_wg_wait0();
@@ -359,7 +310,7 @@ __device__ __forceinline__ void flash_bwd_dq_wg(__nv_bfloat16* __restrict__ dqkv
              float scale, float scale_log2) {                                                 \
         FA_BWD_WG_BODY(flash_bwd_dq_wg, D)                                                    \
     }
-FA_DKDV_WG_ENTRY(flash_bwd_dkdv_wg_d64_bf16, 64, FA_BWD_MINB_D64)
+FA_DKDV_WG_ENTRY(flash_bwd_dkdv_wg_d64_bf16, 64, 3)
 FA_DKDV_WG_ENTRY(flash_bwd_dkdv_wg_d128_bf16, 128, 2)
-FA_DQ_WG_ENTRY(flash_bwd_dq_wg_d64_bf16, 64, FA_BWD_MINB_D64)
+FA_DQ_WG_ENTRY(flash_bwd_dq_wg_d64_bf16, 64, 3)
 FA_DQ_WG_ENTRY(flash_bwd_dq_wg_d128_bf16, 128, 2)

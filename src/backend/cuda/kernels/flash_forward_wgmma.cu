@@ -3,8 +3,8 @@
 // algorithm of flash_forward.cu (same items, same online softmax in the exp2 domain, same
 // outputs) with both products issued by the whole 4-warp block as one warpgroup.
 //
-//   S = Q K^T:  wgmma m64n64k16, A = Q from registers (loaded once), B = K from shared
-//               memory (descriptor), D / 16 steps over the head dim.
+//   S = Q K^T:  wgmma m64n64k16, A = Q and B = K straight from shared memory (descriptors),
+//               D / 16 steps over the head dim.
 //   O += P V:   wgmma m64nDk16, A = P from registers (the S accumulator of a warp's 16 rows is,
 //               rounded to bf16, the A fragment: the layouts of m16n8k16 and of one warp's
 //               slice of m64nN coincide), B = V from shared memory, transposed (MN-major).
@@ -13,10 +13,6 @@
 // warpgroup and runs 64xN products asynchronously.
 
 #if FA_WG
-// Q's A fragments stay in registers for the whole key loop: S = Q K^T takes A from registers,
-// so only K is read from shared memory (an m64n64k16 with both operands there exactly
-// saturates its bandwidth). ptxas: 124 registers at D = 64 (127 with Q from shared memory),
-// 217 at D = 128 (171), where shared memory already limits the kernel to two blocks per SM.
 template <int D>
 __device__ __forceinline__ void flash_fwd_wg(__nv_bfloat16* __restrict__ out,
                                              float* __restrict__ lse,
@@ -46,7 +42,6 @@ __device__ __forceinline__ void flash_fwd_wg(__nv_bfloat16* __restrict__ out,
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
     float m[2] = {-FA_INF, -FA_INF}, l[2] = {0.f, 0.f};
-    unsigned qf[D / 16][4];  // Q's A fragments: 16 columns per k-step
 
     for (int kt = 0; kt <= qt; ++kt) {
         const int k0 = kt * FA_TILE;
@@ -67,19 +62,11 @@ __device__ __forceinline__ void flash_fwd_wg(__nv_bfloat16* __restrict__ out,
 
         // S = Q K^T (s[4 nb + e]: the m16n8 C fragment of key block nb of this warp's rows).
         float s[32];
-        if (kt == 0) {
-            // ldmatrix rows of the 16 x 16 block (warp 16, kk 16): matrices (0,0) (8,0) (0,8)
-            // (8,8) give a0..a3, as fa_a_addr, in the swizzled tile.
-            const int row = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-#pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk)
-                fa_ldsm(qf[kk], sQ + fa_sw(row, kk * 16 + (lane >> 4) * 8));
-        }
         fa_wg_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
             const int off = (kk >> 2) * FA_TILE * 64 + (kk & 3) * 16;
-            fa_wgmma_rs_n64_k(s, qf[kk], fa_desc(sK + off, 16), kk);
+            fa_wgmma_ss_n64(s, fa_desc(sQ + off, 16), fa_desc(sK + off, 16), kk);
         }
         fa_wg_commit();
         fa_wg_wait0();

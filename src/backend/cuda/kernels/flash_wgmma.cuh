@@ -117,24 +117,6 @@ __device__ __forceinline__ void fa_wgmma_ss_n64(float* d, unsigned long long da,
         : "l"(da), "l"(db), "r"(accumulate));
 }
 
-// d[0..32) = A B (accumulate = 0) or d += A B over one k16 step: A (64 x 16) from registers
-// (the m16n8k16 A fragment of this warp's 16 rows), B (64 x 16, i.e. B^T) K-major from shared
-// memory.
-__device__ __forceinline__ void fa_wgmma_rs_n64_k(float* d, const unsigned* a,
-                                                   unsigned long long db, int accumulate) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15,"
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
-        "}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(accumulate));
-}
-
 // d[0..32) += A B over one k16 step: A (64 x 16) from registers (a[0..4) = the m16n8k16 A
 // fragment of this warp's 16 rows), B (16 x 64) from shared memory, MN-major (transposed).
 __device__ __forceinline__ void fa_wgmma_rs_n64(float* d, const unsigned* a,

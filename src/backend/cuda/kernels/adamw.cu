@@ -11,27 +11,37 @@
 // Each line is the CPU's, in the same order, in f32 (IEEE division and sqrt: no fast math).
 // adamw_step_copy also stores the new p into `working` (the GEMMs' bf16 copy, rounded to nearest
 // even): one pass instead of a second kernel re-reading all of p.
-// Launch: grid-stride over a 64-bit n, at most 65536 blocks of 256 threads.
+// Launch: grid-stride over a 64-bit n, at most 65536 blocks of 256 threads (adamw_step_vec8:
+// over n / 8 groups of 8).
 //
 // sum_squares_partial: partials[b] = sum of x[i]^2 over the i that block b's threads visit
 // (grid-stride), overwritten. Squares and sums are in f64 (as the CPU's), the block reduction
 // in a fixed shuffle pattern, so for a given grid each partial is bitwise reproducible; the
 // host sums the partials of every buffer in a fixed order (ops/adamw.rs). Launch: 256
-// threads, min(ceil(n / 256), 1024) blocks, a function of n only.
+// threads, min(ceil(n / 256), 1024) blocks, a function of n only (also for the vec4 twin).
+
+// The update of one element held in registers (the scalar and the vec8 kernels share it, so
+// both compute the same bits).
+__device__ __forceinline__ void adamw_math(float& p, float grad, float& m, float& v, float lr,
+                                           float beta1, float beta2, float eps,
+                                           float weight_decay, float grad_scale, float bc1,
+                                           float bc2) {
+    float g = grad_scale * grad;
+    m = beta1 * m + (1.0f - beta1) * g;      // first moment
+    v = beta2 * v + (1.0f - beta2) * g * g;  // second moment
+    float m_hat = m / bc1;                   // bias corrections
+    float v_hat = v / bc2;
+    p = p - lr * (m_hat / (sqrtf(v_hat) + eps) + weight_decay * p);
+}
 
 __device__ __forceinline__ float adamw_one(float* param, const float* grad, float* m, float* v,
                                            long long i, float lr, float beta1, float beta2,
                                            float eps, float weight_decay, float grad_scale,
                                            float bc1, float bc2) {
-    float g = grad_scale * grad[i];
-    float mi = beta1 * m[i] + (1.0f - beta1) * g;      // first moment
-    float vi = beta2 * v[i] + (1.0f - beta2) * g * g;  // second moment
+    float p = param[i], mi = m[i], vi = v[i];
+    adamw_math(p, grad[i], mi, vi, lr, beta1, beta2, eps, weight_decay, grad_scale, bc1, bc2);
     m[i] = mi;
     v[i] = vi;
-    float m_hat = mi / bc1;  // bias corrections
-    float v_hat = vi / bc2;
-    float p = param[i];
-    p = p - lr * (m_hat / (sqrtf(v_hat) + eps) + weight_decay * p);
     param[i] = p;
     return p;
 }
@@ -56,19 +66,51 @@ extern "C" __global__ void adamw_step_copy(float* param, const float* grad, floa
                      bc2));
 }
 
+// adamw_step(_copy) over 8 consecutive elements per thread and grid-stride step (n = 8 n8,
+// 16-byte aligned buffers: ops/adamw.rs checks): 16-byte accesses put four times the bytes in
+// flight per instruction of the scalar kernels (which reached ~2.6 TB/s on an H100).
+// `working` absent (p == nullptr) skips the copy.
+__device__ __forceinline__ void ld8f(const float* p, long long e, float x[8]) {
+    const float4* q = reinterpret_cast<const float4*>(p + e);
+    float4 a = q[0], b = q[1];
+    x[0] = a.x, x[1] = a.y, x[2] = a.z, x[3] = a.w, x[4] = b.x, x[5] = b.y, x[6] = b.z, x[7] = b.w;
+}
+__device__ __forceinline__ void st8f(float* p, long long e, const float x[8]) {
+    float4* q = reinterpret_cast<float4*>(p + e);
+    q[0] = make_float4(x[0], x[1], x[2], x[3]);
+    q[1] = make_float4(x[4], x[5], x[6], x[7]);
+}
+
+extern "C" __global__ void adamw_step_vec8(float* param, const float* grad, float* m, float* v,
+                                           Ten working, long long n8, float lr, float beta1,
+                                           float beta2, float eps, float weight_decay,
+                                           float grad_scale, float bc1, float bc2) {
+    long long stride = (long long)gridDim.x * blockDim.x;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n8; i += stride) {
+        const long long e = i * 8;
+        float p[8], g[8], mi[8], vi[8];
+        ld8f(param, e, p);
+        ld8f(grad, e, g);
+        ld8f(m, e, mi);
+        ld8f(v, e, vi);
+#pragma unroll
+        for (int k = 0; k < 8; ++k)
+            adamw_math(p[k], g[k], mi[k], vi[k], lr, beta1, beta2, eps, weight_decay, grad_scale,
+                       bc1, bc2);
+        st8f(param, e, p);
+        st8f(m, e, mi);
+        st8f(v, e, vi);
+        if (working.p) st8(working, e, p);
+    }
+}
+
 __device__ __forceinline__ double warp_sum_f64(double v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }
 
-extern "C" __global__ void sum_squares_partial(double* partials, const float* x, long long n) {
+__device__ __forceinline__ void ss_block_store(double* partials, double acc) {
     __shared__ double scratch[32];
-    long long stride = (long long)gridDim.x * blockDim.x;
-    double acc = 0.0;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        double xi = (double)x[i];
-        acc += xi * xi;
-    }
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     acc = warp_sum_f64(acc);
     if (lane == 0) scratch[warp] = acc;
@@ -79,4 +121,31 @@ extern "C" __global__ void sum_squares_partial(double* partials, const float* x,
         acc = warp_sum_f64(acc);
         if (lane == 0) partials[blockIdx.x] = acc;
     }
+}
+
+extern "C" __global__ void sum_squares_partial(double* partials, const float* x, long long n) {
+    long long stride = (long long)gridDim.x * blockDim.x;
+    double acc = 0.0;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        double xi = (double)x[i];
+        acc += xi * xi;
+    }
+    ss_block_store(partials, acc);
+}
+
+// The same partials' grid over n = 4 n4 elements read as float4 (16-byte aligned x): each
+// thread adds its vectors' four squares in element order.
+extern "C" __global__ void sum_squares_partial_vec4(double* partials, const float* x,
+                                                    long long n4) {
+    long long stride = (long long)gridDim.x * blockDim.x;
+    double acc = 0.0;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n4; i += stride) {
+        float4 q = reinterpret_cast<const float4*>(x)[i];
+        double a = q.x, b = q.y, c = q.z, d = q.w;
+        acc += a * a;
+        acc += b * b;
+        acc += c * c;
+        acc += d * d;
+    }
+    ss_block_store(partials, acc);
 }

@@ -47,9 +47,15 @@ pub fn sum_squares(
             shared_mem_bytes: 0,
         };
         let mut view = partials.slice_mut(off..off + nb);
+        // 16-byte loads when whole float4s cover the buffer (allocations are 256-byte aligned).
+        let (name, count) = if len.is_multiple_of(4) && be.ptr(buf).is_multiple_of(16) {
+            ("sum_squares_partial_vec4", n64 / 4)
+        } else {
+            ("sum_squares_partial", n64)
+        };
         // Checked: buf holds len; the view holds exactly this launch's nb blocks.
-        launch(be, "sum_squares_partial", cfg, |a| {
-            a.arg(&mut view).arg(buf).arg(&n64);
+        launch(be, name, cfg, |a| {
+            a.arg(&mut view).arg(buf).arg(&count);
         })?;
         off += nb;
     }
@@ -111,6 +117,20 @@ pub fn step(
         grad_scale,
         ..
     } = hp;
+    let aligned = [be.ptr(&*param), be.ptr(grad), be.ptr(&*m), be.ptr(&*v)]
+        .iter()
+        .all(|p| p.is_multiple_of(16))
+        && working.as_deref().is_none_or(|w| be.raw(w).is_multiple_of(16));
+    if n.is_multiple_of(8) && aligned {
+        let tw = be.ten_opt(working.as_deref());
+        let n8 = n64 / 8;
+        // Checked: every buffer holds n = 8 n8 and is 16-byte aligned.
+        return launch(be, "adamw_step_vec8", grid_stride(n / 8), |a| {
+            a.arg(param).arg(grad).arg(m).arg(v).arg(&tw).arg(&n8);
+            a.arg(&lr).arg(&beta1).arg(&beta2).arg(&eps);
+            a.arg(&weight_decay).arg(&grad_scale).arg(&bc1).arg(&bc2);
+        });
+    }
     let tw = working.map(|w| be.ten(w));
     let name = if tw.is_some() {
         "adamw_step_copy"
@@ -148,10 +168,16 @@ mod tests {
     #[test]
     #[ignore = "needs a CUDA GPU"]
     fn cuda_adamw_and_sum_squares_match_cpu() {
+        // Odd n: the scalar kernels; a multiple of 8: adamw_step_vec8, sum_squares_partial_vec4.
+        for n in [300_007, 300_000] {
+            adamw_and_sum_squares_match_cpu(n);
+        }
+    }
+
+    fn adamw_and_sum_squares_match_cpu(n: usize) {
         use super::super::elementwise::gpu_test::*;
         use crate::backend::Backend;
         let (be, cpu, mut rng) = setup(55);
-        let n = 300_007;
         let (p, m0) = (randv(&mut rng, n), randv(&mut rng, n));
         let v0: Vec<f32> = randv(&mut rng, n).iter().map(|x| x * x).collect();
         let (mut p_c, mut m_c, mut v_c) = (p.clone(), m0.clone(), v0.clone());

@@ -401,9 +401,13 @@ fn op_list<B: Backend>(c: &mut Cases<B>) {
         io.output_host("sum", vec![s as f32]);
         Ok(())
     });
-    for (tag, step, zero_moments) in [("[step 1]", 1u64, true), ("[step 7]", 7, false)] {
+    // n odd: the CUDA scalar kernels; a multiple of 8: the 16-byte (vec8) kernel.
+    for (tag, step, zero_moments, n) in [
+        ("[step 1]", 1u64, true, 100_003usize),
+        ("[step 7]", 7, false, 100_003),
+        ("[step 7, n = 8k]", 7, false, 100_000),
+    ] {
         c.case(format!("adamw{tag}"), "adamw", |io| {
-            let n = 100_003;
             let p0 = io.randn(n, 0.02);
             let g = io.randn(n, 1e-3);
             let (m0, v0) = if zero_moments {
@@ -434,31 +438,32 @@ fn op_list<B: Backend>(c: &mut Cases<B>) {
     // AdamW that also writes the working copy (activation-kind: f32 in the first pass, the
     // backend's activation precision in the second): param, m, v exactly as `adamw`, and the copy
     // equal to the new param rounded.
-    c.case("adamw_with_copy", "adamw_copy", |io| {
-        let n = 100_003;
-        let p0 = io.randn(n, 0.02);
-        let g = io.randn(n, 1e-3);
-        let m0 = io.randn(n, 1e-3);
-        let v0 = io.uniform(n, 1e-8, 1e-6);
-        let (mut p, gb) = (io.full(&p0)?, io.full(&g)?);
-        let (mut m, mut v) = (io.full(&m0)?, io.full(&v0)?);
-        let mut w = io.poisoned(n)?;
-        let hp = AdamWStep {
-            lr: 3e-4,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.1,
-            grad_scale: 0.7,
-            step: 3,
-        };
-        io.be
-            .adamw_with_copy(&mut p, &gb, &mut m, &mut v, &mut w, n, hp)?;
-        io.output("param", &p, n)?;
-        io.output("m", &m, n)?;
-        io.output("v", &v, n)?;
-        io.output("working copy", &w, n)
-    });
+    for n in [100_003usize, 100_000] {
+        c.case(format!("adamw_with_copy[n = {n}]"), "adamw_copy", |io| {
+            let p0 = io.randn(n, 0.02);
+            let g = io.randn(n, 1e-3);
+            let m0 = io.randn(n, 1e-3);
+            let v0 = io.uniform(n, 1e-8, 1e-6);
+            let (mut p, gb) = (io.full(&p0)?, io.full(&g)?);
+            let (mut m, mut v) = (io.full(&m0)?, io.full(&v0)?);
+            let mut w = io.poisoned(n)?;
+            let hp = AdamWStep {
+                lr: 3e-4,
+                beta1: 0.9,
+                beta2: 0.95,
+                eps: 1e-8,
+                weight_decay: 0.1,
+                grad_scale: 0.7,
+                step: 3,
+            };
+            io.be
+                .adamw_with_copy(&mut p, &gb, &mut m, &mut v, &mut w, n, hp)?;
+            io.output("param", &p, n)?;
+            io.output("m", &m, n)?;
+            io.output("v", &v, n)?;
+            io.output("working copy", &w, n)
+        });
+    }
 
     // ------------------------------------------------------------ the whole model
     c.case("model[forward_backward]", "model", |io| {

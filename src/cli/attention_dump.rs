@@ -366,7 +366,11 @@ pub fn run(args: &AttentionDumpArgs) -> anyhow::Result<()> {
         }
         DumpDevice::Cuda => {
             let be = CudaBackend::new(args.gpu).map_err(|e| anyhow!("--device cuda: {e}"))?;
-            let act = if be.activations_are_f32() { "f32" } else { "bf16" };
+            let act = if be.activations_are_f32() {
+                "f32"
+            } else {
+                "bf16"
+            };
             let label = format!("cuda ({}, {}, {act} activations)", be.device_name, be.arch);
             let written = write_dump(&be, &label, &args.out, &cases, args.seed)?;
             (label, written)

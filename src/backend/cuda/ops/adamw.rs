@@ -120,7 +120,9 @@ pub fn step(
     let aligned = [be.ptr(&*param), be.ptr(grad), be.ptr(&*m), be.ptr(&*v)]
         .iter()
         .all(|p| p.is_multiple_of(16))
-        && working.as_deref().is_none_or(|w| be.raw(w).is_multiple_of(16));
+        && working
+            .as_deref()
+            .is_none_or(|w| be.raw(w).is_multiple_of(16));
     if n.is_multiple_of(8) && aligned {
         let tw = be.ten_opt(working.as_deref());
         let n8 = n64 / 8;

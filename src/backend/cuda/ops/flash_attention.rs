@@ -449,7 +449,10 @@ pub fn backward(
         (true, _, 64) => ("flash_bwd_dkdv_wg_d64_bf16", shared_bytes_dkdv_wgmma(d)),
         (true, _, _) => ("flash_bwd_dkdv_wg_d128_bf16", shared_bytes_dkdv_wgmma(d)),
         (false, true, _) => (entry(Kernel::Backward, d, e), shared_bytes_bwd(d, true)),
-        (false, false, _) => (entry(Kernel::BackwardDkDv, d, e), shared_bytes_bwd(d, false)),
+        (false, false, _) => (
+            entry(Kernel::BackwardDkDv, d, e),
+            shared_bytes_bwd(d, false),
+        ),
     };
     set_smem(be, name, smem, OP)?;
     let cfg = LaunchConfig {

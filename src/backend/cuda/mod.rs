@@ -81,6 +81,8 @@ pub struct CudaBackend {
     pub gemm_mode: GemmMode,
     /// Storage of `alloc_act` buffers.
     pub act_dtype: DType,
+    /// The flash kernels' work lists of the last `cu_seqlens` (ops/flash_attention.rs).
+    pub(crate) flash_items: std::sync::Mutex<Option<ops::flash_attention::ItemsCache>>,
 }
 
 /// Check that the driver and cuBLAS libraries can be loaded, naming the first that cannot.
@@ -173,6 +175,7 @@ impl CudaBackend {
                 Ok("f32") => DType::F32,
                 _ => DType::Bf16,
             },
+            flash_items: std::sync::Mutex::new(None),
         })
     }
 

@@ -14,31 +14,42 @@
 //     dqkv's q columns themselves when E is f32, else an f32 [T, H D] scratch that
 //     flash_bwd_post rounds into dqkv's q columns.
 
-// dsum[h, t] = dout[t, h] . out[t, h] (one warp per (t, h)); dqacc's row t, head h zeroed
-// (row stride ldq).
+// dsum[h, t] = dout[t, h] . out[t, h]; dqacc's row t, head h zeroed (row stride ldq).
+// A (t, h) row of D elements is D / 8 consecutive lanes, 8 elements (one 16-byte bf16 load)
+// each, so a warp covers 32 / (D / 8) rows and every lane is busy (D in {64, 128}; the launcher
+// sizes the grid as ceil(T H / (32 / (D / 8))) warps).
 template <typename E>
 __device__ __forceinline__ void flash_bwd_pre(float* __restrict__ dqacc, long ldq,
                                               float* __restrict__ dsum,
                                               const E* __restrict__ dout,
                                               const E* __restrict__ out, int T, int H, int D) {
-    const long warp = ((long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    const int lane = threadIdx.x & 31;
-    if (warp >= (long)T * H) return;
-    const long t = warp / H;
-    const int h = (int)(warp % H);
-    const long HD = (long)H * D;
-    const E* a = dout + t * HD + (long)h * D;
-    const E* b = out + t * HD + (long)h * D;
-    float* dq = dqacc ? dqacc + t * ldq + (long)h * D : nullptr;  // null: dQ is not atomic
+    const int G = D / 8;  // lanes per row: 8 or 16
+    const long lane_g = (long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long row = lane_g / G;  // (t, h) row, t-major
+    const int part = (int)(lane_g % G);
+    const bool live = row < (long)T * H;
     float acc = 0.f;
-    for (int d = lane * 4; d < D; d += 128) {
-        float4 x = fa_f32x4(a + d);
-        float4 y = fa_f32x4(b + d);
-        acc += x.x * y.x + x.y * y.y + x.z * y.z + x.w * y.w;
-        if (dq) *reinterpret_cast<float4*>(dq + d) = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (live) {
+        const long t = row / H;
+        const int h = (int)(row % H);
+        const long at = t * (long)H * D + (long)h * D + part * 8;
+        float4 a0 = fa_f32x4(dout + at), a1 = fa_f32x4(dout + at + 4);
+        float4 b0 = fa_f32x4(out + at), b1 = fa_f32x4(out + at + 4);
+        acc = a0.x * b0.x + a0.y * b0.y + a0.z * b0.z + a0.w * b0.w + a1.x * b1.x + a1.y * b1.y +
+              a1.z * b1.z + a1.w * b1.w;
+        if (dqacc) {
+            float* dq = dqacc + t * ldq + (long)h * D + part * 8;
+            *reinterpret_cast<float4*>(dq) = make_float4(0.f, 0.f, 0.f, 0.f);
+            *reinterpret_cast<float4*>(dq + 4) = make_float4(0.f, 0.f, 0.f, 0.f);
+        }
     }
-    acc = warp_sum(acc);
-    if (lane == 0) dsum[(long)h * T + t] = acc;
+    // Sum over the row's G lanes (a G-aligned group of the warp; all lanes take part).
+    for (int o = G / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (live && part == 0) {
+        const long t = row / H;
+        const int h = (int)(row % H);
+        dsum[(long)h * T + t] = acc;
+    }
 }
 
 extern "C" __global__ void flash_bwd_pre_f32(float* dqacc, long long ldq, float* dsum,

@@ -266,12 +266,48 @@ fn check(op: &'static str, dims: &AttnDims, cu: &CudaIdx) -> Result<(), BackendE
     Ok(())
 }
 
-fn upload_items(
+/// The work lists of one `cu_seqlens` on the device: every layer of a micro-batch (forward,
+/// backward, recompute) attends over the same documents, so the lists are built and uploaded
+/// once per batch instead of three times per layer (a pageable host-to-device copy each).
+pub struct ItemsCache {
+    cu: Vec<i32>,
+    /// Query-tile items (forward and dQ) and key-tile items (dK/dV), and their counts.
+    fwd: (CudaSlice<i32>, usize),
+    bwd: (CudaSlice<i32>, usize),
+}
+
+/// Run `f` with the device work lists of `cu` (from the backend's cache when `cu` is the batch
+/// they were built for).
+fn with_items<R>(
     be: &CudaBackend,
-    items: &[i32],
+    cu: &[i32],
     op: &'static str,
-) -> Result<CudaSlice<i32>, BackendError> {
-    be.stream.clone_htod(items).map_err(drv(op))
+    f: impl FnOnce(&ItemsCache) -> Result<R, BackendError>,
+) -> Result<R, BackendError> {
+    let mut cache = be
+        .flash_items
+        .lock()
+        .map_err(|_| shape(op, "work-list cache poisoned by an earlier panic".into()))?;
+    if cache.as_ref().is_none_or(|c| c.cu != cu) {
+        let upload = |list: Vec<i32>| -> Result<(CudaSlice<i32>, usize), BackendError> {
+            let n = list.len() / 4;
+            // An empty list still gets a (one-element) buffer; its count says there is no work.
+            let dev = be
+                .stream
+                .clone_htod(if list.is_empty() { &[0][..] } else { &list[..] })
+                .map_err(drv(op))?;
+            Ok((dev, n))
+        };
+        *cache = Some(ItemsCache {
+            cu: cu.to_vec(),
+            fwd: upload(fwd_items(cu))?,
+            bwd: upload(bwd_items(cu))?,
+        });
+    }
+    let c = cache
+        .as_ref()
+        .ok_or_else(|| shape(op, "work-list cache empty".into()))?;
+    f(c)
 }
 
 fn set_smem(
@@ -323,16 +359,30 @@ pub fn forward(
     const OP: &str = "attention_forward (flash)";
     check(OP, &dims, cu_seqlens)?;
     need_native(OP, &[qkv, out], lse)?;
-    let AttnDims { t, h, hkv, d, .. } = dims;
+    let AttnDims { t, h, d, .. } = dims;
     need(OP, "out [T, H D]", out.len(), t * h * d)?;
     need(OP, "lse [H, T]", lse.len(), h * t)?;
     need(OP, "qkv [T, QKV]", qkv.len(), t * dims.qkv_width())?;
-    let list = fwd_items(&cu_seqlens.host[..=dims.n_docs]);
-    if list.is_empty() {
+    let cu = &cu_seqlens.host[..=dims.n_docs];
+    with_items(be, cu, OP, |lists| {
+        forward_launch(be, out, lse, qkv, dims, &lists.fwd.0, lists.fwd.1)
+    })
+}
+
+fn forward_launch(
+    be: &CudaBackend,
+    out: &mut CudaBuf,
+    lse: &mut CudaBuf,
+    qkv: &CudaBuf,
+    dims: AttnDims,
+    items_g: &CudaSlice<i32>,
+    n_items: usize,
+) -> Result<(), BackendError> {
+    const OP: &str = "attention_forward (flash)";
+    let AttnDims { t, h, hkv, d, .. } = dims;
+    if n_items == 0 {
         return Ok(());
     }
-    let n_items = list.len() / 4;
-    let items_g = upload_items(be, &list, OP)?;
     let (name, smem) = if wgmma(be, qkv.dtype()) {
         let name = if d == 64 {
             "flash_fwd_wg_d64_bf16"
@@ -356,7 +406,7 @@ pub fn forward(
         a.arg(&po)
             .arg(&pl)
             .arg(&pq)
-            .arg(&items_g)
+            .arg(items_g)
             .arg(&t32)
             .arg(&h32)
             .arg(&hkv32)
@@ -379,19 +429,37 @@ pub fn backward(
     const OP: &str = "attention_backward (flash)";
     check(OP, &dims, cu_seqlens)?;
     need_native(OP, &[dqkv, dout, qkv, out], lse)?;
-    let AttnDims { t, h, hkv, d, .. } = dims;
+    let AttnDims { t, h, d, .. } = dims;
     let w = dims.qkv_width();
     need(OP, "dqkv [T, QKV]", dqkv.len(), t * w)?;
     need(OP, "dout [T, H D]", dout.len(), t * h * d)?;
     need(OP, "qkv [T, QKV]", qkv.len(), t * w)?;
     need(OP, "out [T, H D]", out.len(), t * h * d)?;
     need(OP, "lse [H, T]", lse.len(), h * t)?;
-    let list = bwd_items(&cu_seqlens.host[..=dims.n_docs]);
-    if list.is_empty() {
+    let cu = &cu_seqlens.host[..=dims.n_docs];
+    with_items(be, cu, OP, |lists| {
+        backward_launch(be, dqkv, dout, qkv, out, lse, dims, lists)
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_launch(
+    be: &CudaBackend,
+    dqkv: &mut CudaBuf,
+    dout: &CudaBuf,
+    qkv: &CudaBuf,
+    out: &CudaBuf,
+    lse: &CudaBuf,
+    dims: AttnDims,
+    lists: &ItemsCache,
+) -> Result<(), BackendError> {
+    const OP: &str = "attention_backward (flash)";
+    let AttnDims { t, h, hkv, d, .. } = dims;
+    let w = dims.qkv_width();
+    let (items_g, n_items) = (&lists.bwd.0, lists.bwd.1);
+    if n_items == 0 {
         return Ok(());
     }
-    let n_items = list.len() / 4;
-    let items_g = upload_items(be, &list, OP)?;
     let (t32, h32, hkv32, d32) = (t as i32, h as i32, hkv as i32, d as i32);
     let e = qkv.dtype();
     let atomic = dq_atomic();
@@ -420,10 +488,11 @@ pub fn backward(
     // dsum [H, T] = rowsum(dO * O); dqacc zeroed.
     // SAFETY: flash_bwd_pre writes every element of dsum before the main kernel reads it.
     let mut dsum = unsafe { be.stream.alloc::<f32>(h * t) }.map_err(drv(OP))?;
-    let warps = t * h;
+    // D / 8 threads per (t, h) row (flash_bwd_pre), 256 threads per block.
+    let threads = t * h * (d / 8);
     let pre = LaunchConfig {
         grid_dim: (
-            u32::try_from(warps.div_ceil(8)).map_err(|_| shape(OP, "T H too large".into()))?,
+            u32::try_from(threads.div_ceil(256)).map_err(|_| shape(OP, "T H too large".into()))?,
             1,
             1,
         ),
@@ -470,7 +539,7 @@ pub fn backward(
             .arg(&pq)
             .arg(&pl)
             .arg(&dsum)
-            .arg(&items_g)
+            .arg(items_g)
             .arg(&t32)
             .arg(&h32)
             .arg(&hkv32)
@@ -494,9 +563,7 @@ pub fn backward(
         )?;
     }
     if !atomic {
-        let list = fwd_items(&cu_seqlens.host[..=dims.n_docs]);
-        let n_items = list.len() / 4;
-        let items_q = upload_items(be, &list, OP)?;
+        let (items_q, n_items) = (&lists.fwd.0, lists.fwd.1);
         let (name, smem) = match (wg, d) {
             (true, 64) => ("flash_bwd_dq_wg_d64_bf16", shared_bytes_dq_wgmma(d)),
             (true, _) => ("flash_bwd_dq_wg_d128_bf16", shared_bytes_dq_wgmma(d)),
@@ -514,7 +581,7 @@ pub fn backward(
                 .arg(&pq)
                 .arg(&pl)
                 .arg(&dsum)
-                .arg(&items_q)
+                .arg(items_q)
                 .arg(&t32)
                 .arg(&h32)
                 .arg(&hkv32)

@@ -45,20 +45,8 @@ __device__ __forceinline__ void flash_fwd_wg(__nv_bfloat16* __restrict__ out,
 
     for (int kt = 0; kt <= qt; ++kt) {
         const int k0 = kt * FA_TILE;
-        __syncthreads();  // every wgmma reading the buffer about to be refilled has completed
-        unsigned short* sK = kv + 2 * (kt & 1) * TD;
+        unsigned short* sK = fa_kv_step_sw<D>(kv, kb, vb, W, kt, qt, L);
         unsigned short* sV = sK + TD;
-        if (kt < qt) {
-            unsigned short* nK = kv + 2 * ((kt + 1) & 1) * TD;
-            fa_tile_start_sw<D>(nK, kb + (long)(k0 + FA_TILE) * W, W, L - k0 - FA_TILE);
-            fa_tile_start_sw<D>(nK + TD, vb + (long)(k0 + FA_TILE) * W, W, L - k0 - FA_TILE);
-            fa_async_commit();
-            fa_async_wait<1>();
-        } else {
-            fa_async_wait<0>();
-        }
-        fa_proxy_fence();
-        __syncthreads();
 
         // S = Q K^T (s[4 nb + e]: the m16n8 C fragment of key block nb of this warp's rows).
         float s[32];

@@ -77,6 +77,32 @@ __device__ __forceinline__ void fa_wg_wait0() {
 __device__ __forceinline__ void fa_proxy_fence() {
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
+// One step of the double-buffered K/V pipeline over key tiles 0..=last (forward and dQ): tile
+// kt's K, then V, live in pair kt % 2 of `kv` (swizzled tiles of D columns). Waits until every
+// warp is past step kt - 1 (the pair refilled next is free), starts tile kt + 1's copies, waits
+// for tile kt's and makes them visible to wgmma. Returns K of tile kt (V follows it).
+template <int D>
+__device__ __forceinline__ unsigned short* fa_kv_step_sw(unsigned short* kv,
+                                                         const __nv_bfloat16* kb,
+                                                         const __nv_bfloat16* vb, long W, int kt,
+                                                         int last, int L) {
+    constexpr int TD = FA_TILE * D;
+    const int k0 = kt * FA_TILE;
+    __syncthreads();
+    if (kt < last) {
+        unsigned short* nK = kv + 2 * ((kt + 1) & 1) * TD;
+        fa_tile_start_sw<D>(nK, kb + (long)(k0 + FA_TILE) * W, W, L - k0 - FA_TILE);
+        fa_tile_start_sw<D>(nK + TD, vb + (long)(k0 + FA_TILE) * W, W, L - k0 - FA_TILE);
+        fa_async_commit();
+        fa_async_wait<1>();
+    } else {
+        fa_async_wait<0>();
+    }
+    fa_proxy_fence();
+    __syncthreads();
+    return kv + 2 * (kt & 1) * TD;
+}
+
 // Pin accumulator registers in program order: the compiler sees wgmma's results as ready when
 // the instruction is issued, so reads after wgmma.wait_group (and writes before
 // wgmma.fence) are ordered through these empty statements.

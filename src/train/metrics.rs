@@ -98,6 +98,9 @@ pub struct RunSummary {
     pub parameters: usize,
     pub backend: String,
     pub world_size: usize,
+    /// Mean over the steps after the first of the slowest rank's forward + backward time over
+    /// the mean rank's (1 = perfectly balanced; NaN when no step was timed).
+    pub rank_balance: f64,
 }
 
 impl RunSummary {
@@ -119,6 +122,10 @@ impl RunSummary {
             (
                 "packing efficiency",
                 format!("{:.4}", self.packing_efficiency),
+            ),
+            (
+                "rank balance",
+                format!("{:.3} (slowest / mean forward+backward)", self.rank_balance),
             ),
         ];
         let w = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
@@ -149,6 +156,26 @@ mod tests {
             compute_ms_max: 0.8,
             compute_ms_mean: 0.7,
         }
+    }
+
+    #[test]
+    fn the_closing_table_shows_the_rank_balance() {
+        let r = RunSummary {
+            run_dir: PathBuf::from("runs/x"),
+            steps: 3,
+            tokens: 30,
+            wall_s: 1.0,
+            first_loss: 2.0,
+            final_loss: 1.0,
+            tokens_per_s: 30.0,
+            packing_efficiency: 1.0,
+            parameters: 1000,
+            backend: "cpu".into(),
+            world_size: 2,
+            rank_balance: 1.0126,
+        };
+        let t = r.table();
+        assert!(t.contains("rank balance") && t.contains("1.013"), "{t}");
     }
 
     #[test]

@@ -269,6 +269,7 @@ pub fn run_with<B: Backend>(
     let mut first_loss = f64::NAN;
     let mut last_loss = f64::NAN;
     let mut timed = (0.0f64, 0u64); // (seconds, tokens) of steps after the first of this invocation
+    let mut balance = (0.0f64, 0u64); // (sum of max / mean rank compute time, steps) over those steps
     let mut eff_sum = 0.0;
     let mut steps_here = 0u64;
     let mut tokens_here = 0u64;
@@ -393,6 +394,8 @@ pub fn run_with<B: Backend>(
 
         // ---- bookkeeping
         let secs = t0.elapsed().as_secs_f64();
+        let m_max = compute_ms.iter().copied().fold(0.0, f64::max);
+        let m_mean = compute_ms.iter().sum::<f64>() / world as f64;
         state.step += 1;
         state.tokens_seen += step_tokens;
         state.adam_step = opt.step;
@@ -403,6 +406,8 @@ pub fn run_with<B: Backend>(
         if steps_here > 1 {
             timed.0 += secs;
             timed.1 += step_tokens;
+            balance.0 += m_max / m_mean.max(1e-12);
+            balance.1 += 1;
         }
         let efficiency = step_tokens as f64 / (bins_per_step * budget) as f64;
         eff_sum += efficiency;
@@ -421,8 +426,8 @@ pub fn run_with<B: Backend>(
             tokens_per_s: step_tokens as f64 / secs.max(1e-9),
             ms: secs * 1e3,
             packing_efficiency: efficiency,
-            compute_ms_max: compute_ms.iter().copied().fold(0.0, f64::max),
-            compute_ms_mean: compute_ms.iter().sum::<f64>() / world as f64,
+            compute_ms_max: m_max,
+            compute_ms_mean: m_mean,
         };
         if root {
             tracing::info!(
@@ -499,6 +504,11 @@ pub fn run_with<B: Backend>(
         parameters: layout.numel(),
         backend: be.name().to_string(),
         world_size: world,
+        rank_balance: if balance.1 > 0 {
+            balance.0 / balance.1 as f64
+        } else {
+            f64::NAN
+        },
     })
 }
 

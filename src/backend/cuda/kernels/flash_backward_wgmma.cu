@@ -32,16 +32,6 @@ __device__ __forceinline__ void fa_wgmma_ss_q(float* d, unsigned long long a,
         fa_wgmma_ss_n32(d, a, b, accumulate);
 }
 
-// d += A B with B a 16-row slice of an MN-major D-column tile.
-template <int D>
-__device__ __forceinline__ void fa_wgmma_rs_d(float* d, const unsigned* a,
-                                              const unsigned short* b) {
-    if constexpr (D == 64)
-        fa_wgmma_rs_n64(d, a, fa_desc(b, FA_TILE * 128));
-    else
-        fa_wgmma_rs_n128(d, a, fa_desc(b, FA_TILE * 128));
-}
-
 // Element offset of k16 step kk (columns 16 kk ..) of a swizzled tile, as a K-major operand.
 __device__ __forceinline__ int fa_k16(int kk) { return (kk >> 2) * FA_TILE * 64 + (kk & 3) * 16; }
 

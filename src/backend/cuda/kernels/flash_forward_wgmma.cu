@@ -107,12 +107,7 @@ __device__ __forceinline__ void flash_fwd_wg(__nv_bfloat16* __restrict__ out,
         fa_pin<D / 2>(o);
         fa_wg_fence();
 #pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-            if constexpr (D == 64)
-                fa_wgmma_rs_n64(o, a[kk], fa_desc(sV + kk * 16 * 64, FA_TILE * 128));
-            else
-                fa_wgmma_rs_n128(o, a[kk], fa_desc(sV + kk * 16 * 64, FA_TILE * 128));
-        }
+        for (int kk = 0; kk < 4; ++kk) fa_wgmma_rs_d<D>(o, a[kk], sV + kk * 16 * 64);
         fa_wg_commit();
         fa_wg_wait0();
         fa_pin<D / 2>(o);

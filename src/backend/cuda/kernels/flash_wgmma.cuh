@@ -181,4 +181,14 @@ __device__ __forceinline__ void fa_wgmma_rs_n128(float* d, const unsigned* a,
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db));
 }
 
+// d += A B with B a 16-row slice of an MN-major D-column tile.
+template <int D>
+__device__ __forceinline__ void fa_wgmma_rs_d(float* d, const unsigned* a,
+                                              const unsigned short* b) {
+    if constexpr (D == 64)
+        fa_wgmma_rs_n64(d, a, fa_desc(b, FA_TILE * 128));
+    else
+        fa_wgmma_rs_n128(d, a, fa_desc(b, FA_TILE * 128));
+}
+
 #endif  // FA_WG

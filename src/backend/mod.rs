@@ -260,6 +260,34 @@ pub trait Backend {
         ic: usize,
         oc: usize,
     ) -> Result<(), BackendError>;
+    /// `out = x w^T + residual` with out, residual `[T, OC]` (different buffers): the Wo and
+    /// Wdown projections of a block, which land on the residual stream. The default adds in a
+    /// second pass; a device backend adds inside the GEMM (its C operand), saving that pass.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_forward_residual(
+        &self,
+        out: &mut Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        residual: &Self::Buf,
+        t: usize,
+        ic: usize,
+        oc: usize,
+    ) -> Result<(), BackendError> {
+        const OP: &str = "matmul_forward_residual";
+        let n = t.checked_mul(oc).ok_or_else(|| BackendError::Shape {
+            op: OP,
+            message: format!("T = {t} x OC = {oc} overflows"),
+        })?;
+        if self.len(residual) < n {
+            return Err(BackendError::Shape {
+                op: OP,
+                message: format!("residual [T, OC] holds {}, needs {n}", self.len(residual)),
+            });
+        }
+        self.matmul_forward(out, x, w, None, t, ic, oc)?;
+        self.add_inplace(out, residual, n)
+    }
     /// The input gradient of `matmul_forward`: dx `[T, IC]` = dout w, overwritten (whatever
     /// dx held, NaN included, is never read); dout `[T, OC]`, w `[OC, IC]`.
     #[allow(clippy::too_many_arguments)]

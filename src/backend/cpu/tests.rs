@@ -461,6 +461,34 @@ fn bad_dims_and_indices_are_shape_errors() {
     assert!(msg(be.matmul_forward(&mut a, &ok, &ok, None, usize::MAX, 2, 2)).contains("overflow"));
 }
 
+/// The trait's default `matmul_forward_residual` is the GEMM then the add, bitwise; a short
+/// residual is a shape error naming the op.
+#[test]
+fn matmul_forward_residual_is_matmul_then_add() {
+    let be = CpuBackend::new();
+    let (t, ic, oc) = (5, 7, 3);
+    let x: Vec<f32> = (0..t * ic).map(|i| (i as f32 * 0.37).sin()).collect();
+    let w: Vec<f32> = (0..oc * ic).map(|i| (i as f32 * 0.11).cos()).collect();
+    let r: Vec<f32> = (0..t * oc).map(|i| i as f32 * 0.5 - 3.0).collect();
+    let mut fused = vec![f32::NAN; t * oc];
+    be.matmul_forward_residual(&mut fused, &x, &w, &r, t, ic, oc)
+        .unwrap();
+    let mut apart = vec![0.0; t * oc];
+    be.matmul_forward(&mut apart, &x, &w, None, t, ic, oc)
+        .unwrap();
+    be.add_inplace(&mut apart, &r, t * oc).unwrap();
+    assert_eq!(fused, apart);
+    let short = vec![0.0; t * oc - 1];
+    let err = be
+        .matmul_forward_residual(&mut fused, &x, &w, &short, t, ic, oc)
+        .unwrap_err();
+    assert!(err.to_string().contains("matmul_forward_residual"), "{err}");
+    assert!(
+        fused.iter().all(|v| v.is_finite()),
+        "out untouched on error"
+    );
+}
+
 /// The trait's default `add_rmsnorm_forward` (the CPU has no fused kernel) is bitwise
 /// `add_inplace` then `rmsnorm_forward`, touches only the leading T C of longer buffers, and
 /// rejects a short buffer.

@@ -15,7 +15,7 @@ use super::CudaBackend;
 use crate::backend::BackendError;
 
 /// Storage precision of a [`CudaBuf`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DType {
     F32,
     Bf16,

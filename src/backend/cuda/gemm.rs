@@ -1,13 +1,24 @@
-//! Row-major GEMMs on cuBLAS.
+//! Row-major GEMMs on cuBLASLt, one plan per shape.
 //!
 //! cuBLAS is column-major; a row-major `[R, C]` matrix read column-major is its transpose. So
-//! row-major `C[M,N] = op(A) op(B)` is column-major `C^T = op(B)^T op(A)^T`: one call with the
-//! operands swapped and the same transpose flags, m = N, n = M.
+//! row-major `D[M,N] = op(A) op(B) (+ beta C)` is column-major `D^T = op(B)^T op(A)^T`: one
+//! call with the operands swapped and the same transpose flags, m = N, n = M.
+//!
+//! A plan (`lt::Plan`: the matmul and layout descriptors and the algorithm) is built the first
+//! time a shape is seen and reused for every later call of that shape; its key holds all that
+//! the algorithm depends on (dims, transposes, leading dimensions, batch strides, element
+//! types, compute type and the operands' pointer alignment). The algorithm is cuBLASLt's first
+//! heuristic choice, or with `PACKTRAIN_GEMM_TUNE=1` the fastest of its first 8 candidates timed
+//! on the call's own operands (see `lt.rs`). C and D may be different buffers: that is the
+//! epilogue the model uses to add the residual stream inside the Wo and Wdown GEMMs
+//! (`D = A B + C`), saving a pass over the activations. Where cuBLASLt offers no algorithm the
+//! call falls back to `cublasGemmEx` (C copied into D first when they differ).
 
 use cudarc::cublas::sys;
 use cudarc::driver::sys::CUdeviceptr;
 
 use super::buf::{CudaBuf, DType};
+use super::lt::PlanKey;
 use super::CudaBackend;
 use crate::backend::BackendError;
 
@@ -31,7 +42,7 @@ impl GemmMode {
             _ => GemmMode::Bf16,
         }
     }
-    fn compute_type(self) -> sys::cublasComputeType_t {
+    pub(crate) fn compute_type(self) -> sys::cublasComputeType_t {
         match self {
             GemmMode::Bf16 => sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF,
             GemmMode::Tf32 => sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
@@ -86,7 +97,7 @@ impl Mat {
     }
 }
 
-fn cuda_type(d: DType) -> sys::cudaDataType_t {
+pub(crate) fn cuda_type(d: DType) -> sys::cudaDataType_t {
     match d {
         DType::F32 => sys::cudaDataType_t::CUDA_R_32F,
         DType::Bf16 => sys::cudaDataType_t::CUDA_R_16BF,
@@ -101,7 +112,7 @@ fn op(t: bool) -> sys::cublasOperation_t {
     }
 }
 
-fn check(status: sys::cublasStatus_t, what: &'static str) -> Result<(), BackendError> {
+pub(crate) fn check(status: sys::cublasStatus_t, what: &'static str) -> Result<(), BackendError> {
     if status == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
         Ok(())
     } else {
@@ -132,6 +143,27 @@ impl CudaBackend {
         c: Mat,
         batch: usize,
     ) -> Result<(), BackendError> {
+        self.gemm_into(trans_a, trans_b, m, n, k, alpha, a, b, beta, c, c, batch)
+    }
+
+    /// [`CudaBackend::gemm`] with a separate output: `D = alpha op(A) op(B) + beta C`, C only
+    /// read (it may be D itself). C and D share type, leading dimension and batch stride.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn gemm_into(
+        &self,
+        trans_a: bool,
+        trans_b: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: Mat,
+        b: Mat,
+        beta: f32,
+        c: Mat,
+        d: Mat,
+        batch: usize,
+    ) -> Result<(), BackendError> {
         if m == 0 || n == 0 || batch == 0 {
             return Ok(());
         }
@@ -145,6 +177,65 @@ impl CudaBackend {
                 })
             }
         };
+        if (c.dtype, c.ld, c.stride) != (d.dtype, d.ld, d.stride) {
+            return Err(BackendError::Shape {
+                op: "gemm",
+                message: format!(
+                    "C and D differ in type, leading dimension or batch stride: {c:?} vs {d:?}"
+                ),
+            });
+        }
+        let key = PlanKey::new(trans_a, trans_b, m, n, k, &a, &b, &c, &d, batch, ct);
+        if let Some(lt) = &self.lt {
+            if lt.matmul(self, &key, alpha, &a, &b, beta, &c, &d)? {
+                return Ok(());
+            }
+        }
+        if c.ptr != d.ptr {
+            self.copy_matrix(&c, &d, m, n, batch)?;
+        }
+        self.gemm_ex(&key, alpha, &a, &b, beta, &d)
+    }
+
+    /// D = C for a contiguous `[M, N]` matrix (the fallback of a C != D call without cuBLASLt).
+    fn copy_matrix(
+        &self,
+        c: &Mat,
+        d: &Mat,
+        m: usize,
+        n: usize,
+        batch: usize,
+    ) -> Result<(), BackendError> {
+        if c.ld != n || batch != 1 {
+            return Err(BackendError::Shape {
+                op: "gemm",
+                message: format!(
+                    "without cuBLASLt, C != D needs one contiguous matrix (ld {} for N = {n}, batch {batch})",
+                    c.ld
+                ),
+            });
+        }
+        let bytes = m * n * c.dtype.size();
+        // SAFETY: the callers checked both buffers hold M N elements of this type; same stream.
+        unsafe {
+            cudarc::driver::sys::cuMemcpyDtoDAsync_v2(d.ptr, c.ptr, bytes, self.stream.cu_stream())
+                .result()
+        }
+        .map_err(super::drv("gemm (copy C to D)"))
+    }
+
+    /// The plain cuBLAS call (C = D), for shapes cuBLASLt has no algorithm for.
+    fn gemm_ex(
+        &self,
+        key: &PlanKey,
+        alpha: f32,
+        a: &Mat,
+        b: &Mat,
+        beta: f32,
+        c: &Mat,
+    ) -> Result<(), BackendError> {
+        let (m, n, k, batch) = (key.m, key.n, key.k, key.batch);
+        let ct = key.compute;
         let (ta, tb, tc) = (cuda_type(a.dtype), cuda_type(b.dtype), cuda_type(c.dtype));
         let algo = sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP;
         let h = *self.blas.handle();
@@ -154,8 +245,8 @@ impl CudaBackend {
             if batch == 1 {
                 sys::cublasGemmEx(
                     h,
-                    op(trans_b),
-                    op(trans_a),
+                    op(key.trans_b),
+                    op(key.trans_a),
                     n as i32,
                     m as i32,
                     k as i32,
@@ -176,8 +267,8 @@ impl CudaBackend {
             } else {
                 sys::cublasGemmStridedBatchedEx(
                     h,
-                    op(trans_b),
-                    op(trans_a),
+                    op(key.trans_b),
+                    op(key.trans_a),
                     n as i32,
                     m as i32,
                     k as i32,

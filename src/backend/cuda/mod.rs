@@ -1,6 +1,6 @@
 //! The CUDA backend: cudarc loaded at run time (the crate builds with no CUDA installed), one
 //! context and one compute stream per rank, kernels compiled by NVRTC from `kernels/*.cu`,
-//! GEMMs through cuBLAS.
+//! GEMMs through cuBLASLt (`gemm.rs`, plans in `lt.rs`).
 //!
 //! Storage (`buf.rs`): parameters, gradients and optimizer moments are f32; activations
 //! (`Backend::alloc_act`) are bf16, or f32 with `PACKTRAIN_ACTIVATIONS=f32`. Every kernel takes
@@ -13,6 +13,7 @@
 mod buf;
 mod compile;
 mod gemm;
+mod lt;
 mod ops;
 
 use std::collections::HashMap;
@@ -75,6 +76,8 @@ pub struct CudaBackend {
     pub ctx: Arc<CudaContext>,
     pub stream: Arc<CudaStream>,
     pub(crate) blas: CudaBlas,
+    /// cuBLASLt and its per-shape plans (`None` where libcublasLt is missing).
+    pub(crate) lt: Option<lt::Lt>,
     kernels: HashMap<String, CudaFunction>,
     pub arch: &'static str,
     pub device_name: String,
@@ -146,6 +149,11 @@ impl CudaBackend {
             op: "cublasCreate",
             message: format!("{e:?}"),
         })?;
+        ctx.bind_to_thread().map_err(d("cuCtxSetCurrent"))?;
+        let lt = lt::Lt::new(&stream).map_err(|e| CudaError::Driver {
+            op: "cublasLtCreate",
+            message: e.to_string(),
+        })?;
         let mut kernels = HashMap::new();
         for file in SOURCES.iter().filter(|f| f.file.ends_with(".cu")) {
             let ptx = compile::compile(file, arch)?;
@@ -167,6 +175,7 @@ impl CudaBackend {
             ctx,
             stream,
             blas,
+            lt,
             kernels,
             arch,
             device_name,
@@ -424,6 +433,18 @@ impl Backend for CudaBackend {
         oc: usize,
     ) -> Result<(), BackendError> {
         ops::matmul::forward(self, out, x, w, bias, t, ic, oc)
+    }
+    fn matmul_forward_residual(
+        &self,
+        out: &mut Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        residual: &Self::Buf,
+        t: usize,
+        ic: usize,
+        oc: usize,
+    ) -> Result<(), BackendError> {
+        ops::matmul::forward_residual(self, out, x, w, residual, t, ic, oc)
     }
     fn matmul_backward(
         &self,

@@ -422,14 +422,13 @@ impl<B: Backend> Llama<B> {
         be.matmul_forward(&mut a.qkv, &a.n1, gw(p.wqkv), bias, t, m.c, m.qkv)?;
         be.rope_forward(&mut a.qkv, &batch.positions, &self.inv_freq, ad)?;
         be.attention_forward(&mut a.att, &mut a.lse, &a.qkv, &batch.cu_seqlens, ad)?;
-        // r1 = r0 + att Wo^T: the projection lands in r1, then the residual is added, fused
-        // with the second norm (n2 = rmsnorm(r1), r1 read once).
-        be.matmul_forward(&mut a.r1, &a.att, gw(p.wo), None, t, m.h * m.d, m.c)?;
-        be.add_rmsnorm_forward(
+        // r1 = r0 + att Wo^T and r2 = r1 + s Wdown^T: the residual is added inside the GEMM
+        // (a device backend's epilogue), not in a pass of its own.
+        be.matmul_forward_residual(&mut a.r1, &a.att, gw(p.wo), r0, t, m.h * m.d, m.c)?;
+        be.rmsnorm_forward(
             &mut a.n2,
             &mut a.rstd2,
-            &mut a.r1,
-            r0,
+            &a.r1,
             &self.params[p.ln2],
             t,
             m.c,
@@ -438,8 +437,7 @@ impl<B: Backend> Llama<B> {
         be.matmul_forward(&mut a.gate_up, &a.n2, gw(p.wgate_up), None, t, m.c, 2 * m.f)?;
         let sbuf = &mut self.scratch.s;
         be.swiglu_forward(sbuf, &a.gate_up, t, m.f)?;
-        be.matmul_forward(r2, sbuf, gw(p.wdown), None, t, m.f, m.c)?;
-        be.add_inplace(r2, &a.r1, t * m.c)?;
+        be.matmul_forward_residual(r2, sbuf, gw(p.wdown), &a.r1, t, m.f, m.c)?;
         Ok(())
     }
 

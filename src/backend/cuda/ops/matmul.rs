@@ -77,6 +77,49 @@ pub fn forward(
     Ok(())
 }
 
+/// out `[T, OC]` = x w^T + residual `[T, OC]`: the residual is the GEMM's C operand (D = out),
+/// so it is added in f32 before the single rounding to out's precision. Buffers of mixed
+/// precision (checks and tests only) take the two-pass way: GEMM, then `add_inplace`.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_residual(
+    be: &CudaBackend,
+    out: &mut CudaBuf,
+    x: &CudaBuf,
+    w: &CudaBuf,
+    residual: &CudaBuf,
+    t: usize,
+    ic: usize,
+    oc: usize,
+) -> Result<(), BackendError> {
+    const OP: &str = "matmul_forward_residual";
+    let n = prod(OP, &[t, oc])?;
+    need(OP, "out [T, OC]", out.len(), n)?;
+    need(OP, "residual [T, OC]", residual.len(), n)?;
+    need(OP, "x [T, IC]", x.len(), prod(OP, &[t, ic])?)?;
+    need(OP, "w [OC, IC]", w.len(), prod(OP, &[oc, ic])?)?;
+    let dt = operand_dtype(&[out, x, w]);
+    if residual.dtype() != out.dtype() {
+        forward(be, out, x, w, None, t, ic, oc)?;
+        return super::elementwise::add_inplace(be, out, residual, n);
+    }
+    let (xs, ws) = (operand(be, x, t * ic, dt)?, operand(be, w, oc * ic, dt)?);
+    let (xm, wm) = (xs.as_ref().unwrap_or(x), ws.as_ref().unwrap_or(w));
+    be.gemm_into(
+        false,
+        true,
+        t,
+        oc,
+        ic,
+        1.0,
+        Mat::of(be, xm, ic),
+        Mat::of(be, wm, ic),
+        1.0,
+        Mat::of(be, residual, oc),
+        Mat::of(be, out, oc),
+        1,
+    )
+}
+
 /// dx `[T, IC]` = dout w, overwritten (beta 0: cuBLAS does not read C then).
 pub fn backward_input(
     be: &CudaBackend,

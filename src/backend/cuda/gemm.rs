@@ -7,12 +7,11 @@
 //! A plan (`lt::Plan`: the matmul and layout descriptors and the algorithm) is built the first
 //! time a shape is seen and reused for every later call of that shape; its key holds all that
 //! the algorithm depends on (dims, transposes, leading dimensions, batch strides, element
-//! types, compute type and the operands' pointer alignment). The algorithm is cuBLASLt's first
-//! heuristic choice, or with `PACKTRAIN_GEMM_TUNE=1` the fastest of its first 8 candidates timed
-//! on the call's own operands (see `lt.rs`). C and D may be different buffers: that is the
-//! epilogue the model uses to add the residual stream inside the Wo and Wdown GEMMs
-//! (`D = A B + C`), saving a pass over the activations. Where cuBLASLt offers no algorithm the
-//! call falls back to `cublasGemmEx` (C copied into D first when they differ).
+//! types, compute type and the operands' pointer alignment). The algorithm is the fastest of
+//! cuBLASLt's first 16 heuristic candidates and plain `cublasGemmEx`, timed on the call's own
+//! operands (see `lt.rs`). C and D may be different buffers: that is the epilogue the model uses
+//! to add the residual stream inside the Wo and Wdown GEMMs (`D = A B + C`), saving a pass over
+//! the activations. A shape that goes to `cublasGemmEx` with C != D has C copied into D first.
 
 use cudarc::cublas::sys;
 use cudarc::driver::sys::CUdeviceptr;
@@ -224,8 +223,9 @@ impl CudaBackend {
         .map_err(super::drv("gemm (copy C to D)"))
     }
 
-    /// The plain cuBLAS call (C = D), for shapes cuBLASLt has no algorithm for.
-    fn gemm_ex(
+    /// The plain cuBLAS call (C = D), for shapes where cuBLASLt has no algorithm or its
+    /// algorithms timed slower (see `lt.rs`).
+    pub(super) fn gemm_ex(
         &self,
         key: &PlanKey,
         alpha: f32,

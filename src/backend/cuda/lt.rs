@@ -2,13 +2,16 @@
 //! the first time the shape is seen and reused after (the layer GEMMs of a model repeat the
 //! same handful of shapes every layer and step, so planning costs nothing in steady state).
 //!
-//! The algorithm is cuBLASLt's first heuristic result. With `PACKTRAIN_GEMM_TUNE=1` the first
-//! [`TUNE_CANDIDATES`] results are each timed ([`TUNE_RUNS`] runs after one warm-up, CUDA
-//! events, on the call's own operands) and the fastest kept: the heuristic ranks by a model of
-//! the kernel, and on shapes near a tile boundary its second or third choice can be faster.
-//! Timing an accumulating call (`beta != 0` with C = D) writes into a scratch D, so tuning never
-//! changes a result. The choice is per process: ranks may pick different algorithms for the
-//! same shape, which changes rounding, not the all-reduced gradients every rank applies.
+//! The algorithm is tuned on first use (default; `PACKTRAIN_GEMM_TUNE=0` takes cuBLASLt's first
+//! heuristic result instead): the first [`TUNE_CANDIDATES`] heuristic results, and for C = D
+//! calls plain `cublasGemmEx` too, are each timed ([`TUNE_RUNS`] runs after one warm-up, CUDA
+//! events, on the call's own operands) and the fastest kept. Why: the heuristic ranks by a model
+//! of the kernel, and on an H100 its first choice was up to 10 % slower than the best of its
+//! own list on TinyLlama's shapes, and for some shapes (a weight gradient with K = 16384)
+//! cuBLAS's own pick beat all of them. Timing an accumulating call (`beta != 0` with C = D)
+//! writes into a zeroed scratch D, so tuning never changes a result. The choice is per process:
+//! ranks may pick different algorithms for one shape, which changes rounding, not the
+//! all-reduced gradients every rank applies.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -25,8 +28,8 @@ use crate::backend::BackendError;
 
 /// Workspace given to every cuBLASLt call (NVIDIA's recommendation for Hopper).
 const WORKSPACE_BYTES: usize = 32 << 20;
-/// Heuristic results timed by `PACKTRAIN_GEMM_TUNE=1`.
-const TUNE_CANDIDATES: usize = 8;
+/// Heuristic results timed per shape when tuning.
+const TUNE_CANDIDATES: usize = 16;
 /// Timed runs per candidate.
 const TUNE_RUNS: usize = 3;
 
@@ -260,7 +263,8 @@ fn describe(key: &PlanKey) -> Result<Plan, BackendError> {
 pub(crate) struct Lt {
     handle: lsys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
-    /// `None`: cuBLASLt has no algorithm for that shape (the caller falls back to cuBLAS).
+    /// `None`: cuBLAS's `cublasGemmEx` for that shape (no cuBLASLt algorithm, or it timed
+    /// faster).
     plans: Mutex<HashMap<PlanKey, Option<Plan>>>,
     tune: bool,
 }
@@ -302,7 +306,7 @@ impl Lt {
         // SAFETY: the workspace is only handed to cuBLASLt, which never reads it uninitialised.
         let workspace =
             unsafe { stream.alloc::<u8>(WORKSPACE_BYTES) }.map_err(drv("cublasLt workspace"))?;
-        let tune = matches!(std::env::var("PACKTRAIN_GEMM_TUNE").as_deref(), Ok("1"));
+        let tune = !matches!(std::env::var("PACKTRAIN_GEMM_TUNE").as_deref(), Ok("0"));
         Ok(Some(Self {
             handle,
             workspace,
@@ -312,7 +316,7 @@ impl Lt {
     }
 
     /// Run `D = alpha op(A) op(B) + beta C` with the plan of `key` (built on first use).
-    /// `Ok(false)`: cuBLASLt has no algorithm for this shape, nothing was queued.
+    /// `Ok(false)`: this shape goes to `cublasGemmEx` (nothing was queued).
     #[allow(clippy::too_many_arguments)]
     pub fn matmul(
         &self,
@@ -388,8 +392,8 @@ impl Lt {
         p
     }
 
-    /// The plan of `key`: its descriptors and the heuristic's first algorithm, or with tuning
-    /// the fastest of its first candidates. `None` when the heuristic offers none.
+    /// The plan of `key`: its descriptors and the heuristic's first algorithm, or when tuning
+    /// the fastest of its first candidates and `cublasGemmEx`. `None`: use `cublasGemmEx`.
     #[allow(clippy::too_many_arguments)]
     fn choose(
         &self,
@@ -410,10 +414,18 @@ impl Lt {
             return Ok(None);
         };
         plan.algo = first.algo;
-        if found.len() > 1 {
-            plan.algo = self.fastest(be, key, &plan, &found, alpha, a, b, beta, c, d)?;
+        if !self.tune {
+            return Ok(Some(plan));
         }
-        Ok(Some(plan))
+        Ok(
+            match self.fastest(be, key, &plan, &found, alpha, a, b, beta, c, d)? {
+                Some(algo) => {
+                    plan.algo = algo;
+                    Some(plan)
+                }
+                None => None,
+            },
+        )
     }
 
     fn heuristic(
@@ -491,7 +503,8 @@ impl Lt {
         }
     }
 
-    /// Time each candidate on the call's operands; the fastest algorithm.
+    /// Time each candidate (and `cublasGemmEx` where C = D) on the call's operands: the
+    /// fastest algorithm, `None` for `cublasGemmEx`.
     #[allow(clippy::too_many_arguments)]
     fn fastest(
         &self,
@@ -505,49 +518,74 @@ impl Lt {
         beta: f32,
         c: &Mat,
         d: &Mat,
-    ) -> Result<lsys::cublasLtMatmulAlgo_t, BackendError> {
+    ) -> Result<Option<lsys::cublasLtMatmulAlgo_t>, BackendError> {
         use cudarc::driver::sys::CUevent_flags;
-        // An accumulating call reads D: time it into a scratch D so D is not changed.
+        const OP: &str = "gemm tuning";
+        // An accumulating call reads D: time it into a zeroed scratch D so D is not changed.
         let scratch = if beta != 0.0 && c.ptr == d.ptr {
-            // SAFETY: written by the timed runs before anything reads it; freed after.
-            Some(unsafe { be.stream.alloc::<u8>(key.d_bytes()) }.map_err(drv("gemm tuning"))?)
+            Some(
+                be.stream
+                    .alloc_zeros::<u8>(key.d_bytes())
+                    .map_err(drv(OP))?,
+            )
         } else {
             None
         };
-        let d_ptr = match &scratch {
+        let d_run = match &scratch {
             Some(s) => {
                 use cudarc::driver::DevicePtr;
-                s.device_ptr(&be.stream).0
+                Mat {
+                    ptr: s.device_ptr(&be.stream).0,
+                    ..*d
+                }
             }
-            None => d.ptr,
+            None => *d,
         };
-        let ev = |_: ()| be.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT));
-        let (start, end) = (
-            ev(()).map_err(drv("gemm tuning"))?,
-            ev(()).map_err(drv("gemm tuning"))?,
-        );
-        let mut best = (f32::INFINITY, found[0].algo);
-        let mut first_ms = f32::NAN;
-        for (i, cand) in found.iter().enumerate() {
-            // A candidate that fails to launch is skipped, not fatal.
-            if self
-                .run(be, plan, &cand.algo, alpha, a, b, beta, c, d_ptr)
-                .is_err()
-            {
-                continue;
+        // With C = D the timed runs read what they write: C follows D into the scratch.
+        let c_run = if c.ptr == d.ptr { d_run } else { *c };
+        let ev = || be.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT));
+        let (start, end) = (ev().map_err(drv(OP))?, ev().map_err(drv(OP))?);
+        // Mean time of TUNE_RUNS runs of `f` after one warm-up; None if it fails to launch.
+        let time = |f: &dyn Fn() -> Result<(), BackendError>| -> Result<Option<f32>, BackendError> {
+            if f().is_err() {
+                return Ok(None);
             }
-            start.record(&be.stream).map_err(drv("gemm tuning"))?;
+            start.record(&be.stream).map_err(drv(OP))?;
             for _ in 0..TUNE_RUNS {
-                self.run(be, plan, &cand.algo, alpha, a, b, beta, c, d_ptr)?;
+                f()?;
             }
-            end.record(&be.stream).map_err(drv("gemm tuning"))?;
-            let ms = start.elapsed_ms(&end).map_err(drv("gemm tuning"))? / TUNE_RUNS as f32;
-            if i == 0 {
-                first_ms = ms;
+            end.record(&be.stream).map_err(drv(OP))?;
+            Ok(Some(
+                start.elapsed_ms(&end).map_err(drv(OP))? / TUNE_RUNS as f32,
+            ))
+        };
+        let mut best: (f32, Option<lsys::cublasLtMatmulAlgo_t>) = (f32::INFINITY, None);
+        let mut heuristic_ms = f32::NAN;
+        for (i, cand) in found.iter().enumerate() {
+            let run = || self.run(be, plan, &cand.algo, alpha, a, b, beta, &c_run, d_run.ptr);
+            if let Some(ms) = time(&run)? {
+                if i == 0 {
+                    heuristic_ms = ms;
+                }
+                if ms < best.0 {
+                    best = (ms, Some(cand.algo));
+                }
             }
-            if ms < best.0 {
-                best = (ms, cand.algo);
+        }
+        let mut gemm_ex_ms = f32::NAN;
+        if c.ptr == d.ptr {
+            if let Some(ms) = time(&|| be.gemm_ex(key, alpha, a, b, beta, &d_run))? {
+                gemm_ex_ms = ms;
+                if ms < best.0 {
+                    best = (ms, None);
+                }
             }
+        }
+        if best.0.is_infinite() {
+            return Err(BackendError::Device {
+                op: OP,
+                message: format!("no GEMM algorithm ran for {key:?}"),
+            });
         }
         tracing::debug!(
             m = key.m,
@@ -555,8 +593,10 @@ impl Lt {
             k = key.k,
             batch = key.batch,
             candidates = found.len(),
-            heuristic_us = first_ms * 1e3,
+            heuristic_us = heuristic_ms * 1e3,
+            gemm_ex_us = gemm_ex_ms * 1e3,
             best_us = best.0 * 1e3,
+            lt = best.1.is_some(),
             "cuBLASLt algorithm tuned"
         );
         Ok(best.1)

@@ -109,6 +109,8 @@ fn check_cu<'a>(
 impl Backend for CpuBackend {
     type Buf = Vec<f32>;
     type IdxBuf = Vec<i32>;
+    /// One queue: every op is done when it returns.
+    type Fence = ();
 
     fn name(&self) -> &'static str {
         "cpu"
@@ -169,6 +171,12 @@ impl Backend for CpuBackend {
     }
 
     fn synchronize(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
+    fn fence(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
+    fn wait(&self, _fence: &()) -> Result<(), BackendError> {
         Ok(())
     }
 

@@ -131,9 +131,6 @@ pub trait Backend {
     type Buf;
     /// i32 buffer (token ids, targets, positions, `cu_seqlens`).
     type IdxBuf;
-    /// A point in the side queue's work (see [`Backend::begin_side`]) the main queue can wait
-    /// for.
-    type Fence;
 
     fn name(&self) -> &'static str;
 
@@ -167,28 +164,8 @@ pub trait Backend {
     fn zero(&self, buf: &mut Self::Buf, len: usize) -> Result<(), BackendError>;
     /// `dst[..len] = src[..len]`, converting between precisions where they differ.
     fn copy(&self, dst: &mut Self::Buf, src: &Self::Buf, len: usize) -> Result<(), BackendError>;
-    /// Wait for every queued op, on every queue (a no-op on the CPU).
+    /// Wait for every queued op (a no-op on the CPU).
     fn synchronize(&self) -> Result<(), BackendError>;
-
-    // ---------------------------------------------------------------- the side queue
-    // A device backend runs the optimizer update of one step beside the next step's forward:
-    // ops issued between `begin_side` and `end_side` go to a second, lower-priority queue
-    // that starts after everything already queued on the main one; `fence` marks a point in
-    // it and `wait` makes the main queue wait for that point. Only the optimizer's element-wise
-    // ops and `zero` may be issued there. A backend with one queue (the CPU) runs everything in
-    // order, which these defaults keep.
-    /// Following ops go to the side queue, after all work queued so far on the main queue.
-    fn begin_side(&self) -> Result<(), BackendError> {
-        Ok(())
-    }
-    /// Following ops go to the main queue again.
-    fn end_side(&self) -> Result<(), BackendError> {
-        Ok(())
-    }
-    /// The side queue's work issued so far.
-    fn fence(&self) -> Result<Self::Fence, BackendError>;
-    /// The main queue waits for `fence` before its next op.
-    fn wait(&self, fence: &Self::Fence) -> Result<(), BackendError>;
 
     // ---------------------------------------------------------------- embedding
     /// `out[t, :] = wte[tokens[t], :]`. out `[T, C]` overwritten, wte `[V, C]`. A token

@@ -50,22 +50,6 @@ pub struct LayerParams {
 }
 
 impl LayerParams {
-    /// The largest index of the layer's tensors.
-    pub fn last(&self) -> usize {
-        [
-            self.ln1,
-            self.wqkv,
-            self.wo,
-            self.ln2,
-            self.wgate_up,
-            self.wdown,
-        ]
-        .into_iter()
-        .chain(self.bqkv)
-        .max()
-        .unwrap_or(self.ln1)
-    }
-
     /// The smallest index of the layer's tensors (they are consecutive in the layout).
     pub fn first(&self) -> usize {
         [

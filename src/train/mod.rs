@@ -276,7 +276,6 @@ pub fn run_with<B: Backend>(
     // `PACKTRAIN_OVERLAP=0` starts every gradient bucket after the whole backward (to measure
     // what the overlap buys).
     let overlap_allowed = std::env::var("PACKTRAIN_OVERLAP").as_deref() != Ok("0");
-    let update_beside = optimizer::AdamW::<B>::beside_allowed();
     while (state.step as usize) < total_steps && opts.stop_after.is_none_or(|n| steps_here < n) {
         let Some((epoch, s)) = locate(&plans, state.step as usize) else {
             break;
@@ -376,43 +375,21 @@ pub fn run_with<B: Backend>(
             1.0
         };
         let lr = schedule::learning_rate(&cfg.train, state.step as usize, total_steps);
-        // Without ZeRO-1 the update runs on the backend's side queue, beside the next step's
-        // upload and forward, whose layers each wait for their own weights (DESIGN.md,
-        // "Overlap"). Under ZeRO-1 the updated shards are gathered through the host at once.
         let (params, working, grads) = model.update_view();
-        match &shards {
-            None if update_beside => {
-                let fences = opt.update_beside(
-                    be,
-                    &layout,
-                    params,
-                    working,
-                    grads,
-                    &cfg.train,
-                    lr,
-                    clip_scale as f32,
-                )?;
-                model.params_updating(fences);
-            }
-            _ => {
-                opt.update(
-                    be,
-                    &layout,
-                    params,
-                    working,
-                    grads,
-                    &cfg.train,
-                    lr,
-                    clip_scale as f32,
-                )?;
-                if let Some(sh) = &shards {
-                    all_gather_params(be, comm, &layout, model.params_mut(), sh)?;
-                }
-                be.synchronize()?;
-            }
+        opt.update(
+            be,
+            &layout,
+            params,
+            working,
+            grads,
+            &cfg.train,
+            lr,
+            clip_scale as f32,
+        )?;
+        if let Some(sh) = &shards {
+            all_gather_params(be, comm, &layout, model.params_mut(), sh)?;
         }
-        // The collectives of this step are done: the compute queue waited for them before the
-        // gradient norm, whose read-back synchronised it.
+        be.synchronize()?;
         sync.step_done();
 
         // ---- bookkeeping
@@ -473,7 +450,6 @@ pub fn run_with<B: Backend>(
         let every = cfg.train.checkpoint_every as u64;
         if every > 0 && state.step % every == 0 && (state.step as usize) < total_steps {
             // Under ZeRO-1 every rank sends its moments to rank 0, which writes.
-            model.settle(be)?;
             if let Some(moments) = moments_on_root(be, comm, &layout, &opt, shards.as_deref())? {
                 save_checkpoint(be, &opts.run_dir, cfg, &model, &moments, &state)?;
             }
@@ -484,8 +460,6 @@ pub fn run_with<B: Backend>(
     drop(abort_guard);
 
     // ------------------------------------------------------------ the end of the run
-    model.settle(be)?;
-    be.synchronize()?;
     let final_moments = match steps_here {
         0 => None,
         _ => moments_on_root(be, comm, &layout, &opt, shards.as_deref())?,

@@ -120,50 +120,6 @@ impl<B: Backend> AdamW<B> {
         Ok(opt)
     }
 
-    /// Whether the loops run the update beside the next step (`update_beside`):
-    /// `PACKTRAIN_UPDATE_BESIDE=0` runs it on the main queue and waits for it, to measure what
-    /// the overlap buys.
-    pub fn beside_allowed() -> bool {
-        std::env::var("PACKTRAIN_UPDATE_BESIDE").as_deref() != Ok("0")
-    }
-
-    /// [`AdamW::update`] on the backend's side queue (see `Backend::begin_side`), so it runs
-    /// beside whatever the main queue does next (the next step's forward). Returns, per updated
-    /// tensor in ascending index order, a fence after which its weights (and working copy) are
-    /// final: hand them to `Llama::params_updating`, which makes each layer's forward wait for
-    /// its own. Nothing may read the weights or moments before waiting for them.
-    #[allow(clippy::too_many_arguments)]
-    pub fn update_beside(
-        &mut self,
-        be: &B,
-        layout: &ParamLayout,
-        params: &mut [B::Buf],
-        working: &mut [Option<B::Buf>],
-        grads: &[B::Buf],
-        cfg: &TrainConfig,
-        lr: f64,
-        grad_scale: f32,
-    ) -> Result<Vec<(usize, B::Fence)>, BackendError> {
-        be.begin_side()?;
-        let mut fences = Vec::with_capacity(self.owned.len());
-        let result = self.update_each(
-            be,
-            layout,
-            params,
-            working,
-            grads,
-            cfg,
-            lr,
-            grad_scale,
-            &mut |i| {
-                fences.push((i, be.fence()?));
-                Ok(())
-            },
-        );
-        be.end_side()?;
-        result.map(|()| fences)
-    }
-
     /// Update the tensors `owned` (every tensor without ZeRO-1): `grad_scale` multiplies the
     /// gradients first (the clip factor). A tensor with a working copy (`working[i]`, see
     /// `Llama::update_view`) gets it rewritten by the same fused kernel.
@@ -178,33 +134,6 @@ impl<B: Backend> AdamW<B> {
         cfg: &TrainConfig,
         lr: f64,
         grad_scale: f32,
-    ) -> Result<(), BackendError> {
-        self.update_each(
-            be,
-            layout,
-            params,
-            working,
-            grads,
-            cfg,
-            lr,
-            grad_scale,
-            &mut |_| Ok(()),
-        )
-    }
-
-    /// The update, calling `done(i)` after tensor i's ops are issued.
-    #[allow(clippy::too_many_arguments)]
-    fn update_each(
-        &mut self,
-        be: &B,
-        layout: &ParamLayout,
-        params: &mut [B::Buf],
-        working: &mut [Option<B::Buf>],
-        grads: &[B::Buf],
-        cfg: &TrainConfig,
-        lr: f64,
-        grad_scale: f32,
-        done: &mut dyn FnMut(usize) -> Result<(), BackendError>,
     ) -> Result<(), BackendError> {
         self.step += 1;
         for (k, i) in self.owned.clone().enumerate() {
@@ -230,7 +159,6 @@ impl<B: Backend> AdamW<B> {
                 }
                 None => be.adamw(&mut params[i], &grads[i], m, v, spec.numel(), hp)?,
             }
-            done(i)?;
         }
         Ok(())
     }

@@ -109,8 +109,6 @@ fn check_cu<'a>(
 impl Backend for CpuBackend {
     type Buf = Vec<f32>;
     type IdxBuf = Vec<i32>;
-    /// One queue: every op is done when it returns.
-    type Fence = ();
 
     fn name(&self) -> &'static str {
         "cpu"
@@ -171,12 +169,6 @@ impl Backend for CpuBackend {
     }
 
     fn synchronize(&self) -> Result<(), BackendError> {
-        Ok(())
-    }
-    fn fence(&self) -> Result<(), BackendError> {
-        Ok(())
-    }
-    fn wait(&self, _fence: &()) -> Result<(), BackendError> {
         Ok(())
     }
 

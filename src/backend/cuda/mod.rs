@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, LaunchConfig};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig};
 
 use super::{AdamWStep, AttnDims, Backend, BackendError};
 
@@ -74,13 +74,7 @@ pub struct CudaIdx {
 /// One GPU: context, stream, cuBLAS handle and every compiled kernel.
 pub struct CudaBackend {
     pub ctx: Arc<CudaContext>,
-    /// The main queue: every op, unless `begin_side` moved them to `side`.
     pub stream: Arc<CudaStream>,
-    /// The side queue (`Backend::begin_side`): the optimizer update beside the next forward,
-    /// at a lower priority than `stream`, so the block scheduler serves the forward first.
-    pub(crate) side: Arc<CudaStream>,
-    /// Whether launches and memsets go to `side` now.
-    on_side: std::sync::atomic::AtomicBool,
     pub(crate) blas: CudaBlas,
     /// cuBLASLt and its per-shape plans (`None` where libcublasLt is missing).
     pub(crate) lt: Option<lt::Lt>,
@@ -146,18 +140,7 @@ impl CudaBackend {
         // One stream does all the work, so cudarc's cross-stream event tracking is not needed.
         // SAFETY: called before any allocation on this context.
         unsafe { ctx.disable_event_tracking() };
-        // Priorities (a lower number runs first): NCCL's stream the highest (dist/nccl.rs),
-        // then this main stream, then the side queue. Non-blocking streams, so neither waits
-        // for work on the legacy default stream.
-        let (least, greatest) = cudarc::driver::result::stream::get_priority_range()
-            .map_err(d("cuCtxGetStreamPriorityRange"))?;
-        let main_priority = (greatest + 1).min(least);
-        let stream = ctx
-            .new_stream_with_priority(main_priority)
-            .map_err(d("cuStreamCreateWithPriority"))?;
-        let side = ctx
-            .new_stream_with_priority(least)
-            .map_err(d("cuStreamCreateWithPriority"))?;
+        let stream = ctx.default_stream();
         keep_freed_memory(&ctx).map_err(d("cuMemPoolSetAttribute"))?;
         let (major, minor) = ctx.compute_capability().map_err(d("compute_capability"))?;
         let arch = arch_name(major, minor)?;
@@ -191,8 +174,6 @@ impl CudaBackend {
         Ok(Self {
             ctx,
             stream,
-            side,
-            on_side: std::sync::atomic::AtomicBool::new(false),
             blas,
             lt,
             kernels,
@@ -205,16 +186,6 @@ impl CudaBackend {
             },
             flash_items: std::sync::Mutex::new(None),
         })
-    }
-
-    /// Where launches and memsets go now: the side queue between `begin_side` and `end_side`,
-    /// else the main one.
-    pub(crate) fn queue(&self) -> &Arc<CudaStream> {
-        if self.on_side.load(std::sync::atomic::Ordering::Relaxed) {
-            &self.side
-        } else {
-            &self.stream
-        }
     }
 
     /// A compiled kernel by its `extern "C"` name.
@@ -270,7 +241,7 @@ pub(crate) fn launch<'a>(
     push: impl FnOnce(&mut cudarc::driver::LaunchArgs<'a>),
 ) -> Result<(), BackendError> {
     let f = be.kernel(name)?;
-    let mut b = be.queue().launch_builder(f);
+    let mut b = be.stream.launch_builder(f);
     push(&mut b);
     // SAFETY: every launcher checks its buffers' lengths against the dims it passes before
     // calling here, and the kernels index only within those dims.
@@ -280,7 +251,6 @@ pub(crate) fn launch<'a>(
 impl Backend for CudaBackend {
     type Buf = CudaBuf;
     type IdxBuf = CudaIdx;
-    type Fence = CudaEvent;
 
     fn name(&self) -> &'static str {
         "cuda"
@@ -366,8 +336,8 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         match buf {
-            CudaBuf::F32(b) => self.queue().memset_zeros(&mut b.slice_mut(..len)),
-            CudaBuf::Bf16(b) => self.queue().memset_zeros(&mut b.slice_mut(..len)),
+            CudaBuf::F32(b) => self.stream.memset_zeros(&mut b.slice_mut(..len)),
+            CudaBuf::Bf16(b) => self.stream.memset_zeros(&mut b.slice_mut(..len)),
         }
         .map_err(drv("zero"))
     }
@@ -390,26 +360,7 @@ impl Backend for CudaBackend {
         }
     }
     fn synchronize(&self) -> Result<(), BackendError> {
-        self.side.synchronize().map_err(drv("synchronize"))?;
         self.stream.synchronize().map_err(drv("synchronize"))
-    }
-    fn begin_side(&self) -> Result<(), BackendError> {
-        let now = self.stream.record_event(None).map_err(drv("begin_side"))?;
-        self.side.wait(&now).map_err(drv("begin_side"))?;
-        self.on_side
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        Ok(())
-    }
-    fn end_side(&self) -> Result<(), BackendError> {
-        self.on_side
-            .store(false, std::sync::atomic::Ordering::Relaxed);
-        Ok(())
-    }
-    fn fence(&self) -> Result<CudaEvent, BackendError> {
-        self.side.record_event(None).map_err(drv("fence"))
-    }
-    fn wait(&self, fence: &CudaEvent) -> Result<(), BackendError> {
-        self.stream.wait(fence).map_err(drv("wait"))
     }
 
     fn embedding_forward(

@@ -184,7 +184,6 @@ pub fn run_steps<B: Backend>(
         peak_mem: 0,
     };
     let tc = &cfg.train;
-    let beside = AdamW::<B>::beside_allowed();
     for packed in batches {
         let t0 = Instant::now();
         batch.upload(be, packed)?;
@@ -208,18 +207,9 @@ pub fn run_steps<B: Backend>(
         } else {
             1.0
         };
-        // The update runs on the side queue beside the next step's upload and forward (as in
-        // `train::run`): this phase times only its issue, and the next step's forward waits
-        // for each layer's weights.
         let (params, working, grads) = model.update_view();
-        if beside {
-            let fences =
-                opt.update_beside(be, &layout, params, working, grads, tc, tc.lr, clip as f32)?;
-            model.params_updating(fences);
-        } else {
-            opt.update(be, &layout, params, working, grads, tc, tc.lr, clip as f32)?;
-            be.synchronize()?;
-        }
+        opt.update(be, &layout, params, working, grads, tc, tc.lr, clip as f32)?;
+        be.synchronize()?;
         let t2 = Instant::now();
         sample(&mut peak)?;
         // The memory sample between the phases is not timed.
@@ -233,9 +223,6 @@ pub fn run_steps<B: Backend>(
             .losses
             .push(loss_sum / packed.num_targets.max(1) as f64);
     }
-    model.settle(be)?;
-    be.synchronize()?;
-    sample(&mut peak)?;
     times.peak_mem = (peak - base) as u64;
     Ok(times)
 }

@@ -162,13 +162,6 @@ pub struct Llama<B: Backend> {
     /// Per-token loss of the last forward.
     losses: B::Buf,
     scratch: Scratch<B>,
-    /// An optimizer update still running on the backend's side queue: per tensor, ascending,
-    /// the fence after which it is final ([`Llama::params_updating`]). Each layer's forward
-    /// waits for its own tensors only, so the update of layer l + 1 runs beside layer l.
-    updating: Vec<(usize, B::Fence)>,
-    /// The gradients' zeroing on the side queue (queued there by `zero_grads` during an
-    /// update); the first gradient write of the step waits for it.
-    zeroing: Option<B::Fence>,
 }
 
 /// The hook of [`Llama::forward_backward_hooked`]: `(grads, from)` says the gradients of
@@ -325,38 +318,7 @@ impl<B: Backend> Llama<B> {
             rstd_f: be.alloc(cap)?,
             losses: be.alloc(cap)?,
             scratch,
-            updating: Vec::new(),
-            zeroing: None,
         })
-    }
-
-    /// The optimizer update of the weights runs on the side queue (`AdamW::update_beside`):
-    /// from now on each op that reads tensor i first waits for its fence.
-    pub fn params_updating(&mut self, fences: Vec<(usize, B::Fence)>) {
-        self.updating = fences;
-    }
-
-    /// The main queue waits until the update of tensors `..=upto` is done.
-    fn wait_params(&mut self, be: &B, upto: usize) -> Result<(), BackendError> {
-        // Fences were recorded in ascending tensor order on one queue: the last one at or
-        // below `upto` covers all before it.
-        let n = self.updating.partition_point(|(i, _)| *i <= upto);
-        if n > 0 {
-            be.wait(&self.updating[n - 1].1)?;
-            self.updating.drain(..n);
-        }
-        Ok(())
-    }
-
-    /// The main queue waits for everything still running on the side queue (the update and
-    /// the zeroing). Call it before reading weights, moments or gradients other than through
-    /// a forward or backward (host copies, checkpoints): those wait per layer by themselves.
-    pub fn settle(&mut self, be: &B) -> Result<(), BackendError> {
-        self.wait_params(be, usize::MAX)?;
-        if let Some(f) = self.zeroing.take() {
-            be.wait(&f)?;
-        }
-        Ok(())
     }
 
     /// Largest batch (tokens) this model's buffers hold.
@@ -493,13 +455,9 @@ impl<B: Backend> Llama<B> {
         loss_scale: Option<f32>,
     ) -> Result<(), BackendError> {
         self.check_capacity(batch)?;
-        if self.working_stale {
-            self.settle(be)?;
-        }
         self.refresh_working(be)?;
         let m = self.dims;
         let t = batch.t;
-        self.wait_params(be, self.layout.embed)?;
         be.embedding_forward(
             &mut self.residual[0],
             &batch.tokens,
@@ -509,15 +467,7 @@ impl<B: Backend> Llama<B> {
         )?;
         for l in 0..self.layout.layers.len() {
             let slot = if self.recompute { 0 } else { l };
-            self.wait_params(be, self.layout.layers[l].last())?;
             self.layer_forward(be, l, slot, batch)?;
-        }
-        self.wait_params(be, usize::MAX)?;
-        if loss_scale.is_some() {
-            // The classifier writes the step's first gradient (lm_head).
-            if let Some(f) = self.zeroing.take() {
-                be.wait(&f)?;
-            }
         }
         let last = self.layout.layers.len();
         be.rmsnorm_forward(
@@ -573,26 +523,12 @@ impl<B: Backend> Llama<B> {
         be.download(&self.losses, t)
     }
 
-    /// Zero every gradient (start of an optimizer step). While the last update still runs on
-    /// the side queue, the zeroing is queued there after it (the update reads the gradients),
-    /// and the step's first gradient write waits for it.
+    /// Zero every gradient (start of an optimizer step).
     pub fn zero_grads(&mut self, be: &B) -> Result<(), BackendError> {
-        let beside = !self.updating.is_empty();
-        if beside {
-            be.begin_side()?;
+        for (g, spec) in self.grads.iter_mut().zip(&self.layout.specs) {
+            be.zero(g, spec.numel())?;
         }
-        let zeroed = self
-            .grads
-            .iter_mut()
-            .zip(&self.layout.specs)
-            .try_for_each(|(g, spec)| be.zero(g, spec.numel()));
-        if beside {
-            be.end_side()?;
-            zeroed?;
-            self.zeroing = Some(be.fence()?);
-            return Ok(());
-        }
-        zeroed
+        Ok(())
     }
 
     /// Host copies of the parameters, in layout order.

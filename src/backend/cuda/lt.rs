@@ -2,8 +2,9 @@
 //! the first time the shape is seen and reused after (the layer GEMMs of a model repeat the
 //! same handful of shapes every layer and step, so planning costs nothing in steady state).
 //!
-//! The algorithm is tuned on first use (default; `PACKTRAIN_GEMM_TUNE=0` takes cuBLASLt's first
-//! heuristic result instead): the first [`TUNE_CANDIDATES`] heuristic results, and for C = D
+//! The algorithm is tuned on the first use of a shape's bucket (M, N, K rounded up to 1/16 of
+//! their power of two, so the token counts of successive packed batches share one tuning;
+//! default, `PACKTRAIN_GEMM_TUNE=0` takes cuBLASLt's first heuristic result instead): the first [`TUNE_CANDIDATES`] heuristic results, and for C = D
 //! calls plain `cublasGemmEx` too, are each timed ([`TUNE_RUNS`] runs after one warm-up, CUDA
 //! events, on the call's own operands) and the fastest kept. Why: the heuristic ranks by a model
 //! of the kernel, and on an H100 its first choice was up to 10 % slower than the best of its
@@ -58,7 +59,24 @@ fn alignment(ptrs: &[u64]) -> u32 {
         .unwrap_or(256)
 }
 
+/// `x` rounded up to a multiple of 1/16 of its power of two (at least 256): the token count of
+/// a packed batch changes a little from step to step, and those shapes share one tuning.
+fn bucket(x: usize) -> usize {
+    let step = (x.next_power_of_two() / 16).max(256);
+    x.div_ceil(step) * step
+}
+
 impl PlanKey {
+    /// The key of the tuning this shape shares with its neighbours: M, N, K bucketed.
+    fn tuning(&self) -> Self {
+        Self {
+            m: bucket(self.m),
+            n: bucket(self.n),
+            k: bucket(self.k),
+            ..*self
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         trans_a: bool,
@@ -266,6 +284,10 @@ pub(crate) struct Lt {
     /// `None`: cuBLAS's `cublasGemmEx` for that shape (no cuBLASLt algorithm, or it timed
     /// faster).
     plans: Mutex<HashMap<PlanKey, Option<Plan>>>,
+    /// The tuned choice per bucketed shape ([`PlanKey::tuning`]): an exact shape first seen
+    /// after its bucket was tuned reuses the choice (checked with `cublasLtMatmulAlgoCheck`)
+    /// instead of timing again. `None`: `cublasGemmEx`.
+    tuned: Mutex<HashMap<PlanKey, Option<lsys::cublasLtMatmulAlgo_t>>>,
     tune: bool,
 }
 
@@ -311,6 +333,7 @@ impl Lt {
             handle,
             workspace,
             plans: Mutex::new(HashMap::new()),
+            tuned: Mutex::new(HashMap::new()),
             tune,
         }))
     }
@@ -417,15 +440,56 @@ impl Lt {
         if !self.tune {
             return Ok(Some(plan));
         }
-        Ok(
-            match self.fastest(be, key, &plan, &found, alpha, a, b, beta, c, d)? {
-                Some(algo) => {
-                    plan.algo = algo;
-                    Some(plan)
-                }
-                None => None,
-            },
-        )
+        let poisoned = || BackendError::Device {
+            op: "gemm",
+            message: "cuBLASLt tuning cache poisoned by an earlier panic".into(),
+        };
+        let bucket = key.tuning();
+        let known = self
+            .tuned
+            .lock()
+            .map_err(|_| poisoned())?
+            .get(&bucket)
+            .copied();
+        let choice = match known {
+            Some(None) if c.ptr == d.ptr => return Ok(None),
+            Some(Some(algo)) if self.algo_fits(&plan, &algo) => Some(algo),
+            // The bucket's choice does not apply to this exact shape: the heuristic's first.
+            Some(_) => Some(first.algo),
+            None => {
+                let best = self.fastest(be, key, &plan, &found, alpha, a, b, beta, c, d)?;
+                self.tuned
+                    .lock()
+                    .map_err(|_| poisoned())?
+                    .insert(bucket, best);
+                best
+            }
+        };
+        Ok(choice.map(|algo| {
+            plan.algo = algo;
+            plan
+        }))
+    }
+
+    /// Whether `algo` (tuned on a neighbouring shape) runs this plan's exact shape within the
+    /// workspace.
+    fn algo_fits(&self, plan: &Plan, algo: &lsys::cublasLtMatmulAlgo_t) -> bool {
+        // SAFETY: descriptors from `describe`; `result` is written by the call.
+        unsafe {
+            let mut result: lsys::cublasLtMatmulHeuristicResult_t = std::mem::zeroed();
+            let s = lsys::cublasLtMatmulAlgoCheck(
+                self.handle,
+                plan.desc,
+                plan.layouts[0],
+                plan.layouts[1],
+                plan.layouts[2],
+                plan.layouts[2],
+                algo,
+                &mut result,
+            );
+            s == lsys::cublasStatus_t::CUBLAS_STATUS_SUCCESS
+                && result.workspaceSize <= WORKSPACE_BYTES
+        }
     }
 
     fn heuristic(
@@ -600,5 +664,25 @@ impl Lt {
             "cuBLASLt algorithm tuned"
         );
         Ok(best.1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bucket;
+
+    #[test]
+    fn token_counts_of_full_batches_share_a_bucket() {
+        // Packed batches of a 16384-token budget hold 16100..=16384 tokens.
+        assert!((16129..=16384).all(|t| bucket(t) == 16384));
+        assert_eq!(bucket(2048), 2048);
+        assert_eq!(bucket(2049), 2304);
+        assert_eq!(bucket(1), 256);
+        assert_eq!(bucket(4194), 4608);
+        // Never smaller than the shape, and idempotent.
+        for x in [1, 255, 257, 3789, 11264, 32000, 65537] {
+            assert!(bucket(x) >= x);
+            assert_eq!(bucket(bucket(x)), bucket(x));
+        }
     }
 }

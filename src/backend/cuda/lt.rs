@@ -144,6 +144,26 @@ fn compute_type(c: ComputeType) -> lsys::cublasComputeType_t {
     }
 }
 
+/// Set one attribute of a layout to `value` (its C type is `T`).
+///
+/// # Safety
+/// `l` is a live layout and `T` the attribute's type.
+unsafe fn set_layout_attr<T>(
+    l: lsys::cublasLtMatrixLayout_t,
+    attr: lsys::cublasLtMatrixLayoutAttribute_t,
+    value: T,
+) -> Result<(), BackendError> {
+    status(
+        lsys::cublasLtMatrixLayoutSetAttribute(
+            l,
+            attr,
+            &value as *const T as *const c_void,
+            std::mem::size_of::<T>(),
+        ),
+        "cublasLtMatrixLayoutSetAttribute",
+    )
+}
+
 /// A column-major layout of `rows x cols`, `ld` apart, `batch` matrices `stride` apart.
 fn layout(
     dtype: DType,
@@ -167,25 +187,12 @@ fn layout(
             "cublasLtMatrixLayoutCreate",
         )?;
         if batch > 1 {
-            let (count, offset) = (batch as i32, stride as i64);
             use lsys::cublasLtMatrixLayoutAttribute_t as A;
-            status(
-                lsys::cublasLtMatrixLayoutSetAttribute(
-                    l,
-                    A::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT,
-                    &count as *const i32 as *const c_void,
-                    std::mem::size_of::<i32>(),
-                ),
-                "cublasLtMatrixLayoutSetAttribute",
-            )?;
-            status(
-                lsys::cublasLtMatrixLayoutSetAttribute(
-                    l,
-                    A::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
-                    &offset as *const i64 as *const c_void,
-                    std::mem::size_of::<i64>(),
-                ),
-                "cublasLtMatrixLayoutSetAttribute",
+            set_layout_attr(l, A::CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, batch as i32)?;
+            set_layout_attr(
+                l,
+                A::CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                stride as i64,
             )?;
         }
     }

@@ -50,22 +50,7 @@ pub fn forward(
     need("matmul_forward", "out", out.len(), t * oc)?;
     need("matmul_forward", "x", x.len(), t * ic)?;
     need("matmul_forward", "w", w.len(), oc * ic)?;
-    let dt = operand_dtype(&[out, x, w]);
-    let (xs, ws) = (operand(be, x, t * ic, dt)?, operand(be, w, oc * ic, dt)?);
-    let (xm, wm) = (xs.as_ref().unwrap_or(x), ws.as_ref().unwrap_or(w));
-    be.gemm(
-        false,
-        true,
-        t,
-        oc,
-        ic,
-        1.0,
-        Mat::of(be, xm, ic),
-        Mat::of(be, wm, ic),
-        0.0,
-        Mat::of(be, out, oc),
-        1,
-    )?;
+    linear_gemm(be, out, x, w, None, t, ic, oc)?;
     if let Some(b) = bias {
         need("matmul_forward", "bias", b.len(), oc)?;
         let (t32, oc32) = (t as i32, oc as i32);
@@ -97,13 +82,34 @@ pub fn forward_residual(
     need(OP, "residual [T, OC]", residual.len(), n)?;
     need(OP, "x [T, IC]", x.len(), prod(OP, &[t, ic])?)?;
     need(OP, "w [OC, IC]", w.len(), prod(OP, &[oc, ic])?)?;
-    let dt = operand_dtype(&[out, x, w]);
     if residual.dtype() != out.dtype() {
-        forward(be, out, x, w, None, t, ic, oc)?;
+        linear_gemm(be, out, x, w, None, t, ic, oc)?;
         return super::elementwise::add_inplace(be, out, residual, n);
     }
+    linear_gemm(be, out, x, w, Some(residual), t, ic, oc)
+}
+
+/// out = x w^T (+ residual, the GEMM's C operand, same type as out); lengths checked by the
+/// callers.
+#[allow(clippy::too_many_arguments)]
+fn linear_gemm(
+    be: &CudaBackend,
+    out: &mut CudaBuf,
+    x: &CudaBuf,
+    w: &CudaBuf,
+    residual: Option<&CudaBuf>,
+    t: usize,
+    ic: usize,
+    oc: usize,
+) -> Result<(), BackendError> {
+    let dt = operand_dtype(&[out, x, w]);
     let (xs, ws) = (operand(be, x, t * ic, dt)?, operand(be, w, oc * ic, dt)?);
     let (xm, wm) = (xs.as_ref().unwrap_or(x), ws.as_ref().unwrap_or(w));
+    let d = Mat::of(be, out, oc);
+    let (beta, c) = match residual {
+        Some(r) => (1.0, Mat::of(be, r, oc)),
+        None => (0.0, d),
+    };
     be.gemm_into(
         false,
         true,
@@ -113,9 +119,9 @@ pub fn forward_residual(
         1.0,
         Mat::of(be, xm, ic),
         Mat::of(be, wm, ic),
-        1.0,
-        Mat::of(be, residual, oc),
-        Mat::of(be, out, oc),
+        beta,
+        c,
+        d,
         1,
     )
 }

@@ -285,13 +285,29 @@ impl NcclComm {
         &self,
         bufs: &mut [(&mut CudaSlice<f32>, usize)],
     ) -> Result<(), DistError> {
+        let mut ops: Vec<_> = bufs
+            .iter_mut()
+            .map(|(b, n)| (&mut **b, *n, Collective::AllReduceSum))
+            .collect();
+        self.group_start(&mut ops, "the gradient all-reduce")
+    }
+
+    /// One NCCL group of `ops` (buffer, elements, collective; all in place), started once the
+    /// compute stream's work queued so far is done; like
+    /// [`NcclComm::all_reduce_sum_group_start`], the compute stream does not wait for it until
+    /// [`NcclComm::wait_for_collectives`]. Arms the watchdog with `what`.
+    pub fn group_start(
+        &self,
+        ops: &mut [(&mut CudaSlice<f32>, usize, Collective)],
+        what: &str,
+    ) -> Result<(), DistError> {
         let comm = self.comm()?;
         self.poll()?;
-        self.arm("the gradient all-reduce");
+        self.arm(what);
         self.comm_stream
             .join(&self.stream)
-            .map_err(|e| self.err(format!("ordering the all-reduce after the backward: {e:?}")))?;
-        self.group(comm, bufs)
+            .map_err(|e| self.err(format!("ordering {what} after the compute stream: {e:?}")))?;
+        self.group(comm, ops)
     }
 
     /// The compute stream's later work waits for every collective queued so far.
@@ -306,7 +322,7 @@ impl NcclComm {
     fn group(
         &self,
         comm: sys::ncclComm_t,
-        bufs: &mut [(&mut CudaSlice<f32>, usize)],
+        bufs: &mut [(&mut CudaSlice<f32>, usize, Collective)],
     ) -> Result<(), DistError> {
         let stream = self.comm_stream.cu_stream() as sys::cudaStream_t;
         let check = |what: &str, code: sys::ncclResult_t| -> Result<(), DistError> {
@@ -321,15 +337,28 @@ impl NcclComm {
         unsafe {
             check("ncclGroupStart", sys::ncclGroupStart())?;
             let mut first = None;
-            for (buf, n) in bufs.iter_mut() {
+            for (buf, n, op) in bufs.iter_mut() {
                 if *n == 0 {
                     continue;
                 }
                 if buf.len() < *n {
                     first.get_or_insert_with(|| {
                         self.err(format!(
-                            "all-reduce of {n} elements from a buffer of {}",
+                            "{op:?} of {n} elements from a buffer of {}",
                             buf.len()
+                        ))
+                    });
+                    continue;
+                }
+                let root = match *op {
+                    Collective::AllReduceSum => 0,
+                    Collective::ReduceSum { root } | Collective::Broadcast { root } => root,
+                };
+                if root >= self.world_size() {
+                    first.get_or_insert_with(|| {
+                        self.err(format!(
+                            "{op:?}: root {root} of {} ranks",
+                            self.world_size()
                         ))
                     });
                     continue;
@@ -339,17 +368,20 @@ impl NcclComm {
                     let (p, _guard) = buf.device_ptr_mut(&self.comm_stream);
                     p as *mut std::ffi::c_void
                 };
-                let code = sys::ncclAllReduce(
-                    p,
-                    p,
-                    *n,
-                    sys::ncclDataType_t::ncclFloat32,
-                    sys::ncclRedOp_t::ncclSum,
-                    comm,
-                    stream,
-                );
+                let (f32_, sum) = (sys::ncclDataType_t::ncclFloat32, sys::ncclRedOp_t::ncclSum);
+                let code = match *op {
+                    Collective::AllReduceSum => {
+                        sys::ncclAllReduce(p, p, *n, f32_, sum, comm, stream)
+                    }
+                    Collective::ReduceSum { root } => {
+                        sys::ncclReduce(p, p, *n, f32_, sum, root as i32, comm, stream)
+                    }
+                    Collective::Broadcast { root } => {
+                        sys::ncclBroadcast(p, p, *n, f32_, root as i32, comm, stream)
+                    }
+                };
                 if code != sys::ncclResult_t::ncclSuccess && first.is_none() {
-                    first = Some(self.err(format!("ncclAllReduce: {}", describe(code, comm))));
+                    first = Some(self.err(format!("{op:?}: {}", describe(code, comm))));
                 }
             }
             check("ncclGroupEnd", sys::ncclGroupEnd())?;
@@ -395,6 +427,17 @@ impl Drop for NcclComm {
         // Abort rather than destroy: it never waits for peers, and frees the same resources.
         self.abort();
     }
+}
+
+/// One in-place collective of an NCCL group ([`NcclComm::group_start`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Collective {
+    /// Every rank ends with the sum.
+    AllReduceSum,
+    /// Rank `root` ends with the sum; the others' buffers are only read.
+    ReduceSum { root: usize },
+    /// Every rank ends with rank `root`'s buffer.
+    Broadcast { root: usize },
 }
 
 /// `Some(message)` when NCCL reports an asynchronous error on `comm`.

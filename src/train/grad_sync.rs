@@ -7,6 +7,7 @@ use std::ops::Range;
 use crate::backend::cuda::CudaBackend;
 use crate::backend::Backend;
 use crate::config::Config;
+use crate::dist::nccl::Collective;
 use crate::dist::{Comm, DistError};
 use crate::model::ParamLayout;
 
@@ -65,6 +66,31 @@ pub trait GradSync<B: Backend> {
         _ready_from: usize,
     ) -> Result<(), TrainError> {
         Ok(())
+    }
+    /// ZeRO-1: sum each tensor's gradient into its owner (rank r owns `shards[r]`), completing
+    /// what `grads_ready` started; afterwards this rank's gradients of `shards[rank]` are the
+    /// global sums (the others are left unspecified). The default goes through host buffers.
+    fn reduce_to_owners(
+        &self,
+        be: &B,
+        comm: &dyn Comm,
+        layout: &ParamLayout,
+        grads: &mut [B::Buf],
+        shards: &[Range<usize>],
+    ) -> Result<(), TrainError> {
+        reduce_scatter_grads(be, comm, layout, grads, shards)
+    }
+    /// ZeRO-1: every rank's updated shard of the weights to every rank. The default goes
+    /// through host buffers.
+    fn gather_params(
+        &self,
+        be: &B,
+        comm: &dyn Comm,
+        layout: &ParamLayout,
+        params: &mut [B::Buf],
+        shards: &[Range<usize>],
+    ) -> Result<(), TrainError> {
+        all_gather_params(be, comm, layout, params, shards)
     }
     /// The step's device work has finished (the backend was synchronised).
     fn step_done(&self) {}
@@ -140,11 +166,16 @@ pub(super) fn buckets(numels: &[usize], bucket_floats: usize) -> Vec<Range<usize
 /// `dist.bucket_mb`, on NCCL's own stream (no copies, no host round trip). Buckets go from the
 /// last tensor of the layout down, each as soon as the backward has finished its layers
 /// ([`GradSync::grads_ready`]), so the sums overlap the backward of the earlier layers; the
-/// compute stream waits for them only in `all_reduce`, before the norm and the optimizer. The
-/// watchdog of [`crate::dist::nccl::NcclComm`] times them.
+/// compute stream waits for them only in `all_reduce` (or `reduce_to_owners`), before the norm
+/// and the optimizer. Under ZeRO-1 (`dist.zero1`) each tensor is reduced into its owner only
+/// (`ncclReduce`, half an all-reduce's traffic), and after the update every owner broadcasts
+/// its tensors (`ncclBroadcast`, one group). The watchdog of
+/// [`crate::dist::nccl::NcclComm`] times them.
 pub struct NcclGradSync {
     nccl: crate::dist::nccl::NcclComm,
     bucket_floats: usize,
+    /// ZeRO-1: the rank owning each tensor (the shards of `optimizer::shard_ranges`).
+    owners: Option<Vec<usize>>,
     /// Buckets of this step already started, counted from the last one.
     started: std::cell::Cell<usize>,
     /// Element counts of the layout's tensors and their buckets, computed on the first call
@@ -165,9 +196,23 @@ impl NcclGradSync {
             bucket_mb = cfg.dist.bucket_mb,
             "NCCL communicator"
         );
+        let world = comm.world_size();
+        let owners = (cfg.dist.zero1 && world > 1).then(|| {
+            let layout = ParamLayout::new(&cfg.model);
+            let numels: Vec<usize> = layout.specs.iter().map(|s| s.numel()).collect();
+            let mut owner = vec![0; numels.len()];
+            for (r, range) in super::optimizer::shard_ranges(&numels, world)
+                .into_iter()
+                .enumerate()
+            {
+                owner[range].fill(r);
+            }
+            owner
+        });
         Ok(Self {
             nccl,
             bucket_floats: bucket_floats(cfg),
+            owners,
             started: std::cell::Cell::new(0),
             plan: std::cell::OnceCell::new(),
         })
@@ -189,12 +234,16 @@ impl NcclGradSync {
             if b.start < ready_from {
                 break;
             }
-            let mut bufs = grads[b.clone()]
+            let op = |i: usize| match &self.owners {
+                None => Collective::AllReduceSum,
+                Some(owner) => Collective::ReduceSum { root: owner[i] },
+            };
+            let mut ops = grads[b.clone()]
                 .iter_mut()
-                .zip(&numels[b.clone()])
-                .map(|(g, &n)| Ok((g.f32_mut("all_reduce")?, n)))
+                .zip(b.clone())
+                .map(|(g, i)| Ok((g.f32_mut("gradient sum")?, numels[i], op(i))))
                 .collect::<Result<Vec<_>, crate::backend::BackendError>>()?;
-            self.nccl.all_reduce_sum_group_start(&mut bufs)?;
+            self.nccl.group_start(&mut ops, "the gradient sum")?;
             self.started.set(self.started.get() + 1);
         }
         Ok(())
@@ -226,6 +275,41 @@ impl GradSync<CudaBackend> for NcclGradSync {
         started?;
         Ok(self.nccl.wait_for_collectives()?)
     }
+    fn reduce_to_owners(
+        &self,
+        be: &CudaBackend,
+        comm: &dyn Comm,
+        layout: &ParamLayout,
+        grads: &mut [crate::backend::cuda::CudaBuf],
+        _shards: &[Range<usize>],
+    ) -> Result<(), TrainError> {
+        // The buckets reduce into the owners already (`owners`); finish them.
+        self.all_reduce(be, comm, layout, grads)
+    }
+    fn gather_params(
+        &self,
+        _be: &CudaBackend,
+        _comm: &dyn Comm,
+        layout: &ParamLayout,
+        params: &mut [crate::backend::cuda::CudaBuf],
+        shards: &[Range<usize>],
+    ) -> Result<(), TrainError> {
+        let mut ops = Vec::with_capacity(params.len());
+        for (i, p) in params.iter_mut().enumerate() {
+            // A tensor in no shard (none: the shards cover the layout) stays as it is.
+            let Some(root) = shards.iter().position(|r| r.contains(&i)) else {
+                continue;
+            };
+            let n = layout.specs[i].numel();
+            ops.push((
+                p.f32_mut("weight broadcast")?,
+                n,
+                Collective::Broadcast { root },
+            ));
+        }
+        self.nccl.group_start(&mut ops, "the weight broadcast")?;
+        Ok(self.nccl.wait_for_collectives()?)
+    }
     fn step_done(&self) {
         self.nccl.disarm();
     }
@@ -234,16 +318,16 @@ impl GradSync<CudaBackend> for NcclGradSync {
     }
 }
 
-/// The gradient sync of a CUDA run: NCCL for world > 1 without ZeRO-1 (ZeRO-1 still
-/// reduce-scatters through host buffers), unless `PACKTRAIN_GRAD_SYNC=host` asks for the
-/// host path (for comparisons, or where NCCL is missing).
+/// The gradient sync of a CUDA run: NCCL for world > 1 (with ZeRO-1 too), unless
+/// `PACKTRAIN_GRAD_SYNC=host` asks for the host path (for comparisons, or where NCCL is
+/// missing).
 pub fn cuda_grad_sync(
     be: &CudaBackend,
     cfg: &Config,
     comm: &dyn Comm,
 ) -> Result<Box<dyn GradSync<CudaBackend>>, TrainError> {
     let host = Box::new(HostStaged::new(cfg));
-    if comm.world_size() == 1 || cfg.dist.zero1 {
+    if comm.world_size() == 1 {
         return Ok(host);
     }
     match std::env::var("PACKTRAIN_GRAD_SYNC").ok().as_deref() {

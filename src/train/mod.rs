@@ -22,10 +22,7 @@ use crate::model::{DeviceBatch, Llama, ParamLayout};
 use crate::packing::{self, PackedBatch, PackingError, Plan, PlanParams};
 
 use checkpoint::{CheckpointError, TrainState};
-use grad_sync::{
-    all_gather_params, cuda_grad_sync, moments_on_root, reduce_scatter_grads, AbortOnError,
-    GradSync, HostStaged,
-};
+use grad_sync::{cuda_grad_sync, moments_on_root, AbortOnError, GradSync, HostStaged};
 use metrics::{MetricsLog, RunSummary, StepMetrics};
 use optimizer::{AdamW, HostMoments};
 
@@ -304,7 +301,7 @@ pub fn run_with<B: Backend>(
             batch.upload(be, &packed)?;
             // The last micro-step of a data-parallel step hands each layer's finished
             // gradients to the sync as the backward goes, so the all-reduce overlaps it.
-            let overlap = overlap_allowed && world > 1 && shards.is_none() && g + 1 == g_micro;
+            let overlap = overlap_allowed && world > 1 && g + 1 == g_micro;
             loss_sum += if overlap {
                 model.forward_backward_hooked(be, &batch, loss_scale, &mut |grads, from| {
                     sync.grads_ready(be, &layout, grads, from)
@@ -329,7 +326,7 @@ pub fn run_with<B: Backend>(
         if world > 1 {
             match &shards {
                 None => sync.all_reduce(be, comm, &layout, &mut model.grads)?,
-                Some(sh) => reduce_scatter_grads(be, comm, &layout, &mut model.grads, sh)?,
+                Some(sh) => sync.reduce_to_owners(be, comm, &layout, &mut model.grads, sh)?,
             }
         }
         if world > 1 && shards.is_none() {
@@ -387,7 +384,7 @@ pub fn run_with<B: Backend>(
             clip_scale as f32,
         )?;
         if let Some(sh) = &shards {
-            all_gather_params(be, comm, &layout, model.params_mut(), sh)?;
+            sync.gather_params(be, comm, &layout, model.params_mut(), sh)?;
         }
         be.synchronize()?;
         sync.step_done();

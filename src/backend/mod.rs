@@ -202,30 +202,6 @@ pub trait Backend {
         c: usize,
         eps: f32,
     ) -> Result<(), BackendError>;
-    /// The residual add fused with the norm that follows it: `acc[..T C] += x[..T C]` (acc
-    /// becomes the residual sum, +=), then out `[T, C]` and rstd `[T]` overwritten with
-    /// `rmsnorm_forward` of the new acc. The norm reads acc as stored (after rounding to its
-    /// precision), so the result equals `add_inplace` then `rmsnorm_forward` on the same
-    /// buffers; a backend overrides this only to save the second pass over acc.
-    #[allow(clippy::too_many_arguments)]
-    fn add_rmsnorm_forward(
-        &self,
-        out: &mut Self::Buf,
-        rstd: &mut Self::Buf,
-        acc: &mut Self::Buf,
-        x: &Self::Buf,
-        weight: &Self::Buf,
-        t: usize,
-        c: usize,
-        eps: f32,
-    ) -> Result<(), BackendError> {
-        let n = t.checked_mul(c).ok_or_else(|| BackendError::Shape {
-            op: "add_rmsnorm_forward",
-            message: format!("T C = {t} x {c} overflows usize"),
-        })?;
-        self.add_inplace(acc, x, n)?;
-        self.rmsnorm_forward(out, rstd, acc, weight, t, c, eps)
-    }
     /// dx `[T, C]` += (the residual stream), dweight `[C]` +=. With `dx_copy = Some(copy)`,
     /// copy `[T, C]` (typically an `alloc_act` buffer) is also overwritten with the updated dx
     /// (as stored in dx, then rounded to copy's precision), in the same pass. The model passes

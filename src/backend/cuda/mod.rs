@@ -395,19 +395,6 @@ impl Backend for CudaBackend {
     ) -> Result<(), BackendError> {
         ops::rmsnorm::forward(self, out, rstd, x, weight, t, c, eps)
     }
-    fn add_rmsnorm_forward(
-        &self,
-        out: &mut Self::Buf,
-        rstd: &mut Self::Buf,
-        acc: &mut Self::Buf,
-        x: &Self::Buf,
-        weight: &Self::Buf,
-        t: usize,
-        c: usize,
-        eps: f32,
-    ) -> Result<(), BackendError> {
-        ops::rmsnorm::add_forward(self, out, rstd, acc, x, weight, t, c, eps)
-    }
     fn rmsnorm_backward(
         &self,
         dx: &mut Self::Buf,

@@ -94,17 +94,6 @@ fn op_list<B: Backend>(c: &mut Cases<B>) {
             io.output("out", &out, t * cc)?;
             io.output("rstd", &rstd, t)
         });
-        c.case(format!("add_rmsnorm_forward{tag}"), "rmsnorm", |io| {
-            let (acc0, x) = (io.randn(t * cc, 1.5), io.randn(t * cc, 1.5));
-            let w = io.uniform(cc, 0.5, 1.5);
-            let (mut acc, xb, wb) = (io.input(&acc0)?, io.input(&x)?, io.full(&w)?);
-            let (mut out, mut rstd) = (io.poisoned(t * cc)?, io.poisoned_full(t)?);
-            io.be
-                .add_rmsnorm_forward(&mut out, &mut rstd, &mut acc, &xb, &wb, t, cc, 1e-5)?;
-            io.output("acc (+=)", &acc, t * cc)?;
-            io.output("out", &out, t * cc)?;
-            io.output("rstd", &rstd, t)
-        });
         // With the optional dx_copy (activation kind: the model's dres_act, the GEMMs' dout).
         for with_copy in [false, true] {
             let name = format!(

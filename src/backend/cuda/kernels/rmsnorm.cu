@@ -13,26 +13,17 @@
 //   of an f32 dx the same bits as converting dx afterwards (elementwise `convert`), without
 //   reading dx again. The model's Wo and Wdown backward GEMMs take that copy as their operand.
 //
-// Fused with the residual add (add_rmsnorm_forward, the second norm of a layer):
-//   acc[t, c] += x[t, c]  (acc becomes the residual sum, +=), then rstd, out = rmsnorm(acc)
-//   as rmsnorm_forward. The sum is rounded to acc's precision before the norm uses it, so the
-//   norm reads exactly what is stored in acc: out, rstd and acc are bitwise those of
-//   add_inplace then rmsnorm_forward with the same buffers (the same f32 ops in the same
-//   order, see "Row layouts"). Saves one read of acc from DRAM and a launch.
-//
 // Kernels and launches:
-//   rmsnorm_forward, add_rmsnorm_forward, rmsnorm_backward_dx (and their `_vec8` twins): one
-//     warp per row (blocks of 8 warps, grid ceil(T / 8)); the row sum is a warp_sum. The row
-//     is read twice (sum, then write); the second pass mostly hits L1/L2.
+//   rmsnorm_forward, rmsnorm_backward_dx (and their `_vec8` twins): one warp per row (blocks
+//     of 8 warps, grid ceil(T / 8)); the row sum is a warp_sum. The row is read twice (sum,
+//     then write); the second pass mostly hits L1/L2.
 //   Row layouts: the scalar kernels stride the row by lane (c = lane, lane + 32, ...); the
 //     `_vec8` kernels (C % 8 == 0 and 16-byte aligned buffers; ops/rmsnorm.rs decides, from C
-//     and the alignment only, never the dtypes, so a fused and an unfused forward always take
-//     the same layout) give each lane 8 consecutive columns per 256 (c = 8 lane + 256 k + j),
+//     and the alignment only, never the dtypes) give each lane 8 consecutive columns per 256
+//     (c = 8 lane + 256 k + j),
 //     moved with 16-byte accesses (ld8/st8). A lane's partial sum runs k, then j ascending.
 //     Why: the scalar kernels move bf16 2 bytes per access (rmsnorm_forward 92 us,
 //     rmsnorm_backward_dx 216 us at T = 16384, C = 2048 on an H100).
-//   Squares are summed with an explicit fmaf so the fused and the plain forward cannot be
-//   contracted differently by the compiler.
 //   rmsnorm_backward_dweight_partial: grid (ceil(C / 128), ceil(T / ROWS)), one thread per
 //     column of a block of ROWS = 256 rows, summing over its rows in ascending t into
 //     partial[block, c] (overwritten, a [ceil(T / ROWS), C] scratch).
@@ -84,53 +75,6 @@ extern "C" __global__ void rmsnorm_forward_vec8(Ten out, Ten rstd, Ten x, Ten we
     if (lane == 0) st(rstd, t, rs);
     for (int c = lane * 8; c < C; c += 256) {
         ld8(x, row + c, v);
-        ld8(weight, c, w);
-#pragma unroll
-        for (int j = 0; j < 8; j++) v[j] = v[j] * rs * w[j];
-        st8(out, row + c, v);
-    }
-}
-
-// Pass 1 adds, rounds to acc's precision, stores and sums the squares of the stored values;
-// pass 2 re-reads acc (this thread's own writes, mostly from L1/L2) for out.
-extern "C" __global__ void add_rmsnorm_forward(Ten out, Ten rstd, Ten acc, Ten x, Ten weight,
-                                               int T, int C, float eps) {
-    int warps = blockDim.x >> 5, lane = threadIdx.x & 31;
-    int t = blockIdx.x * warps + (threadIdx.x >> 5);
-    if (t >= T) return;
-    long long row = (long long)t * C;
-    float ss = 0.0f;
-    for (int c = lane; c < C; c += 32) {
-        float v = rnd(acc, ld(acc, row + c) + ld(x, row + c));
-        st(acc, row + c, v);
-        ss = fmaf(v, v, ss);
-    }
-    float rs = rmsnorm_rstd(ss, C, eps);
-    if (lane == 0) st(rstd, t, rs);
-    for (int c = lane; c < C; c += 32) st(out, row + c, ld(acc, row + c) * rs * ld(weight, c));
-}
-
-extern "C" __global__ void add_rmsnorm_forward_vec8(Ten out, Ten rstd, Ten acc, Ten x,
-                                                    Ten weight, int T, int C, float eps) {
-    int warps = blockDim.x >> 5, lane = threadIdx.x & 31;
-    int t = blockIdx.x * warps + (threadIdx.x >> 5);
-    if (t >= T) return;
-    long long row = (long long)t * C;
-    float ss = 0.0f, v[8], w[8];
-    for (int c = lane * 8; c < C; c += 256) {
-        ld8(acc, row + c, v);
-        ld8(x, row + c, w);
-#pragma unroll
-        for (int j = 0; j < 8; j++) {
-            v[j] = rnd(acc, v[j] + w[j]);
-            ss = fmaf(v[j], v[j], ss);
-        }
-        st8(acc, row + c, v);  // already rounded: stored exactly
-    }
-    float rs = rmsnorm_rstd(ss, C, eps);
-    if (lane == 0) st(rstd, t, rs);
-    for (int c = lane * 8; c < C; c += 256) {
-        ld8(acc, row + c, v);
         ld8(weight, c, w);
 #pragma unroll
         for (int j = 0; j < 8; j++) v[j] = v[j] * rs * w[j];

@@ -2,7 +2,7 @@
 //! deterministically: per-block partials over blocks of `ROWS` rows into a scratch buffer,
 //! then added in block order (the CPU reference's order). The row kernels have `_vec8` twins
 //! (8 columns per lane, 16-byte accesses) chosen by C % 8 == 0 and alignment only (see
-//! `rmsnorm.cu`, "Row layouts"), so the fused add + norm matches the unfused pair bitwise.
+//! `rmsnorm.cu`, "Row layouts").
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
@@ -60,54 +60,6 @@ pub fn forward(
     launch(be, name, warp_per_row(t), |a| {
         a.arg(&to)
             .arg(&tr)
-            .arg(&tx)
-            .arg(&tw)
-            .arg(&t32)
-            .arg(&c32)
-            .arg(&eps);
-    })
-}
-
-/// acc `[T, C]` += x (the residual sum), then out `[T, C]` and rstd `[T]` overwritten with the
-/// RMSNorm of the new acc: bitwise `add_inplace` then [`forward`] (same row layout, the sum
-/// rounded to acc's precision before the norm reads it).
-#[allow(clippy::too_many_arguments)]
-pub fn add_forward(
-    be: &CudaBackend,
-    out: &mut CudaBuf,
-    rstd: &mut CudaBuf,
-    acc: &mut CudaBuf,
-    x: &CudaBuf,
-    weight: &CudaBuf,
-    t: usize,
-    c: usize,
-    eps: f32,
-) -> Result<(), BackendError> {
-    const OP: &str = "add_rmsnorm_forward";
-    let n = prod(OP, &[t, c])?;
-    need(OP, "out [T, C]", out.len(), n)?;
-    need(OP, "rstd [T]", rstd.len(), t)?;
-    need(OP, "acc [T, C]", acc.len(), n)?;
-    need(OP, "x [T, C]", x.len(), n)?;
-    need(OP, "weight [C]", weight.len(), c)?;
-    if t == 0 || c == 0 {
-        return Ok(());
-    }
-    let (t32, c32) = (dim_i32(OP, "T", t)?, dim_i32(OP, "C", c)?);
-    // Checked: out, acc and x hold T C, rstd T, weight C.
-    let (to, tr, ta) = (be.ten(out), be.ten(rstd), be.ten(acc));
-    let (tx, tw) = (be.ten(x), be.ten(weight));
-    // Also checked for `_vec8`: C % 8 == 0 and 16-byte aligned out, acc, x, weight. The choice
-    // depends on C alone for allocated buffers, as in `forward`.
-    let name = if vec8_ok(be, c, &[out, acc, x, weight]) {
-        "add_rmsnorm_forward_vec8"
-    } else {
-        "add_rmsnorm_forward"
-    };
-    launch(be, name, warp_per_row(t), |a| {
-        a.arg(&to)
-            .arg(&tr)
-            .arg(&ta)
             .arg(&tx)
             .arg(&tw)
             .arg(&t32)

@@ -123,6 +123,16 @@ pub fn check_cu_seqlens(op: &'static str, cu: &[i32], dims: &AttnDims) -> Result
     Ok(())
 }
 
+/// How an op stores a weight gradient: added to what the buffer holds (`Add`: micro-steps
+/// accumulate), or written over it (`Overwrite`: the first micro-step of a step, so the
+/// gradients need no zeroing pass first; whatever the buffer held, NaN included, is never
+/// read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GradWrite {
+    Add,
+    Overwrite,
+}
+
 /// Coarse ops with forward and backward. `Result` everywhere: a device op can fail.
 pub trait Backend {
     /// Float buffer (activations, parameters, gradients, optimizer moments), full precision
@@ -202,7 +212,8 @@ pub trait Backend {
         c: usize,
         eps: f32,
     ) -> Result<(), BackendError>;
-    /// dx `[T, C]` += (the residual stream), dweight `[C]` +=. With `dx_copy = Some(copy)`,
+    /// dx `[T, C]` += (the residual stream), dweight `[C]` += (or = with
+    /// `GradWrite::Overwrite`). With `dx_copy = Some(copy)`,
     /// copy `[T, C]` (typically an `alloc_act` buffer) is also overwritten with the updated dx
     /// (as stored in dx, then rounded to copy's precision), in the same pass. The model passes
     /// it as `dout` to the GEMM backwards that read the residual gradient (Wo, Wdown), so their
@@ -220,6 +231,7 @@ pub trait Backend {
         rstd: &Self::Buf,
         t: usize,
         c: usize,
+        dweight_write: GradWrite,
     ) -> Result<(), BackendError>;
 
     // ---------------------------------------------------------------- linear
@@ -276,8 +288,8 @@ pub trait Backend {
         ic: usize,
         oc: usize,
     ) -> Result<(), BackendError>;
-    /// The weight gradients of `matmul_forward`, accumulated: dw `[OC, IC]` += dout^T x;
-    /// dbias `[OC]` += sum_t dout. dout `[T, OC]`, x `[T, IC]`.
+    /// The weight gradients of `matmul_forward`: dw `[OC, IC]` += dout^T x; dbias `[OC]` +=
+    /// sum_t dout (= for both with `GradWrite::Overwrite`). dout `[T, OC]`, x `[T, IC]`.
     #[allow(clippy::too_many_arguments)]
     fn matmul_backward_weight(
         &self,
@@ -288,9 +300,10 @@ pub trait Backend {
         t: usize,
         ic: usize,
         oc: usize,
+        write: GradWrite,
     ) -> Result<(), BackendError>;
     /// Both halves: dx `[T, IC]` = dout w, overwritten (never read); dw `[OC, IC]` += dout^T
-    /// x; dbias `[OC]` += sum_t dout. The default calls [`Backend::matmul_backward_input`]
+    /// x; dbias `[OC]` += sum_t dout (dw and dbias as `write` says). The default calls [`Backend::matmul_backward_input`]
     /// then [`Backend::matmul_backward_weight`]; a backend overrides it to share work between
     /// them (the CUDA one converts an f32 dout to the GEMM operand precision once).
     #[allow(clippy::too_many_arguments)]
@@ -305,9 +318,10 @@ pub trait Backend {
         t: usize,
         ic: usize,
         oc: usize,
+        write: GradWrite,
     ) -> Result<(), BackendError> {
         self.matmul_backward_input(dx, dout, w, t, ic, oc)?;
-        self.matmul_backward_weight(dw, dbias, dout, x, t, ic, oc)
+        self.matmul_backward_weight(dw, dbias, dout, x, t, ic, oc, write)
     }
 
     // ---------------------------------------------------------------- RoPE
@@ -392,8 +406,8 @@ pub trait Backend {
     /// logits[t, targets[t]]` (0 where targets[t] < 0, the ignore index), overwritten.
     /// With gradients, `grads = Some((dx, dw))`: dlogits = `loss_scale` (softmax - onehot) on
     /// target rows, 0 elsewhere; dx `[T, C]` overwritten with dlogits w (rows of ignored
-    /// targets are 0), dw `[V, C]` += dlogits^T x. `losses` are never scaled. A target >= V
-    /// is an error.
+    /// targets are 0), dw `[V, C]` += dlogits^T x (= with `GradWrite::Overwrite`). `losses`
+    /// are never scaled. A target >= V is an error.
     #[allow(clippy::too_many_arguments)]
     fn classifier(
         &self,
@@ -406,6 +420,7 @@ pub trait Backend {
         t: usize,
         c: usize,
         v: usize,
+        dw_write: GradWrite,
     ) -> Result<(), BackendError>;
 
     // ---------------------------------------------------------------- optimizer

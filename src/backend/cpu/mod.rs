@@ -24,7 +24,7 @@ pub mod swiglu;
 
 use num_traits::Float;
 
-use super::{AdamWStep, AttnDims, Backend, BackendError};
+use super::{AdamWStep, AttnDims, Backend, BackendError, GradWrite};
 use exp::Exp;
 use matmul::Gemm;
 
@@ -232,6 +232,7 @@ impl Backend for CpuBackend {
         rstd: &Vec<f32>,
         t: usize,
         c: usize,
+        dweight_write: GradWrite,
     ) -> Result<(), BackendError> {
         const OP: &str = "rmsnorm_backward";
         let n = need(OP, "dx [T, C]", dx, &[t, c])?;
@@ -243,6 +244,9 @@ impl Backend for CpuBackend {
         need(OP, "x [T, C]", x, &[t, c])?;
         need(OP, "weight [C]", weight, &[c])?;
         need(OP, "rstd [T]", rstd, &[t])?;
+        if dweight_write == GradWrite::Overwrite {
+            dweight[..c].fill(0.0);
+        }
         rmsnorm::rmsnorm_backward(
             &mut dx[..n],
             dx_copy.map(|cp| &mut cp[..n]),
@@ -304,6 +308,7 @@ impl Backend for CpuBackend {
         t: usize,
         ic: usize,
         oc: usize,
+        write: GradWrite,
     ) -> Result<(), BackendError> {
         const OP: &str = "matmul_backward_weight";
         let nw = need(OP, "dw [OC, IC]", dw, &[oc, ic])?;
@@ -312,6 +317,13 @@ impl Backend for CpuBackend {
         }
         let no = need(OP, "dout [T, OC]", dout, &[t, oc])?;
         let nx = need(OP, "x [T, IC]", x, &[t, ic])?;
+        let mut dbias = dbias;
+        if write == GradWrite::Overwrite {
+            dw[..nw].fill(0.0);
+            if let Some(db) = dbias.as_deref_mut() {
+                db[..oc].fill(0.0);
+            }
+        }
         matmul::matmul_backward_weight(
             &mut dw[..nw],
             dbias.map(|db| &mut db[..oc]),
@@ -456,6 +468,7 @@ impl Backend for CpuBackend {
         t: usize,
         c: usize,
         v: usize,
+        dw_write: GradWrite,
     ) -> Result<(), BackendError> {
         const OP: &str = "classifier";
         need(OP, "losses [T]", losses, &[t])?;
@@ -473,7 +486,12 @@ impl Backend for CpuBackend {
             need(OP, "dx [T, C]", dx, &[t, c])?;
             need(OP, "dw [V, C]", dw, &[v, c])?;
         }
-        let grads = grads.map(|(dx, dw)| (&mut dx[..nx], &mut dw[..nw]));
+        let grads = grads.map(|(dx, dw)| {
+            if dw_write == GradWrite::Overwrite {
+                dw[..nw].fill(0.0);
+            }
+            (&mut dx[..nx], &mut dw[..nw])
+        });
         classifier::classifier(
             &mut losses[..t],
             grads,

@@ -53,14 +53,25 @@ fn backwards_accumulate_or_overwrite_as_the_trait_says() {
     // matmul: dw, dbias +=; dx overwritten, even over NaN (beta 0: never read). The halves
     // on their own do the same as the whole.
     let (mut dx, mut dw, mut db) = (vec![f32::NAN; t * c], vec![0.0; oc * c], vec![0.0; oc]);
-    be.matmul_backward(&mut dx, &mut dw, Some(&mut db), &dout, &x, &w, t, c, oc)
-        .unwrap();
+    be.matmul_backward(
+        &mut dx,
+        &mut dw,
+        Some(&mut db),
+        &dout,
+        &x,
+        &w,
+        t,
+        c,
+        oc,
+        GradWrite::Add,
+    )
+    .unwrap();
     let (dx1, dw1, db1) = (dx.clone(), dw.clone(), db.clone());
     assert!(dx1.iter().all(|v| v.is_finite()), "matmul dx overwrites");
     dx.fill(f32::NAN);
     be.matmul_backward_input(&mut dx, &dout, &w, t, c, oc)
         .unwrap();
-    be.matmul_backward_weight(&mut dw, Some(&mut db), &dout, &x, t, c, oc)
+    be.matmul_backward_weight(&mut dw, Some(&mut db), &dout, &x, t, c, oc, GradWrite::Add)
         .unwrap();
     assert_eq!(dx1, dx, "matmul dx");
     assert!(doubled(&dw1, &dw), "matmul dw {dw1:?} {dw:?}");
@@ -73,8 +84,19 @@ fn backwards_accumulate_or_overwrite_as_the_trait_says() {
     be.rmsnorm_forward(&mut out, &mut rstd, &x, &weight, t, c, 1e-5)
         .unwrap();
     let (mut dx, mut dwt, mut cp) = (vec![0.0; t * c], vec![0.0; c], vec![f32::NAN; t * c]);
-    be.rmsnorm_backward(&mut dx, None, &mut dwt, &g, &x, &weight, &rstd, t, c)
-        .unwrap();
+    be.rmsnorm_backward(
+        &mut dx,
+        None,
+        &mut dwt,
+        &g,
+        &x,
+        &weight,
+        &rstd,
+        t,
+        c,
+        GradWrite::Add,
+    )
+    .unwrap();
     let (dx1, dwt1) = (dx.clone(), dwt.clone());
     be.rmsnorm_backward(
         &mut dx,
@@ -86,6 +108,7 @@ fn backwards_accumulate_or_overwrite_as_the_trait_says() {
         &rstd,
         t,
         c,
+        GradWrite::Add,
     )
     .unwrap();
     assert!(doubled(&dx1, &dx) && doubled(&dwt1, &dwt), "rmsnorm");
@@ -116,6 +139,7 @@ fn backwards_accumulate_or_overwrite_as_the_trait_says() {
         t,
         c,
         v,
+        GradWrite::Add,
     )
     .unwrap();
     let (l1, dx1, dwv1) = (losses.clone(), dx.clone(), dwv.clone());
@@ -129,13 +153,25 @@ fn backwards_accumulate_or_overwrite_as_the_trait_says() {
         t,
         c,
         v,
+        GradWrite::Add,
     )
     .unwrap();
     assert!(doubled(&dwv1, &dwv), "classifier dw");
     assert_eq!((l1, dx1), (losses.clone(), dx), "classifier losses, dx");
     let mut l2 = vec![f32::NAN; t];
-    be.classifier(&mut l2, None, &x, &wv, &targets, 0.5, t, c, v)
-        .unwrap();
+    be.classifier(
+        &mut l2,
+        None,
+        &x,
+        &wv,
+        &targets,
+        0.5,
+        t,
+        c,
+        v,
+        GradWrite::Add,
+    )
+    .unwrap();
     assert_eq!(l2, losses, "classifier losses without grads");
 
     // attention and swiglu: overwritten, whatever was there.
@@ -222,21 +258,54 @@ fn zero_sized_dims_are_no_ops() {
             .unwrap();
         be.rmsnorm_forward(&mut a, &mut b, &z, &z, t, k, 1e-5)
             .unwrap();
-        be.rmsnorm_backward(&mut a, Some(&mut c), &mut b, &z, &z, &z, &z, t, k)
-            .unwrap();
+        be.rmsnorm_backward(
+            &mut a,
+            Some(&mut c),
+            &mut b,
+            &z,
+            &z,
+            &z,
+            &z,
+            t,
+            k,
+            GradWrite::Add,
+        )
+        .unwrap();
         be.matmul_forward(&mut a, &z, &z, Some(&z), t, k, 2)
             .unwrap();
         be.matmul_forward(&mut a, &z, &z, Some(&z), t, 2, k)
             .unwrap();
-        be.matmul_backward(&mut a, &mut b, Some(&mut c), &z, &z, &z, t, k, 2)
-            .unwrap();
-        be.matmul_backward(&mut a, &mut b, Some(&mut c), &z, &z, &z, t, 2, k)
-            .unwrap();
+        be.matmul_backward(
+            &mut a,
+            &mut b,
+            Some(&mut c),
+            &z,
+            &z,
+            &z,
+            t,
+            k,
+            2,
+            GradWrite::Add,
+        )
+        .unwrap();
+        be.matmul_backward(
+            &mut a,
+            &mut b,
+            Some(&mut c),
+            &z,
+            &z,
+            &z,
+            t,
+            2,
+            k,
+            GradWrite::Add,
+        )
+        .unwrap();
         be.swiglu_forward(&mut a, &z, t, k).unwrap();
         be.swiglu_backward(&mut a, Some(&mut b), &z, &z, t, k)
             .unwrap();
         be.matmul_backward_input(&mut a, &z, &z, t, k, 2).unwrap();
-        be.matmul_backward_weight(&mut a, Some(&mut b), &z, &z, t, 2, k)
+        be.matmul_backward_weight(&mut a, Some(&mut b), &z, &z, t, 2, k, GradWrite::Add)
             .unwrap();
         be.classifier(
             &mut a,
@@ -248,6 +317,7 @@ fn zero_sized_dims_are_no_ops() {
             t,
             k,
             2,
+            GradWrite::Add,
         )
         .unwrap();
     }
@@ -304,12 +374,34 @@ fn short_buffers_are_shape_errors_naming_the_op() {
     );
     let mut s = short.clone();
     assert_eq!(
-        op_of(be.rmsnorm_backward(&mut a, None, &mut s, &ok, &ok, &ok, &ok, t, c)),
+        op_of(be.rmsnorm_backward(
+            &mut a,
+            None,
+            &mut s,
+            &ok,
+            &ok,
+            &ok,
+            &ok,
+            t,
+            c,
+            GradWrite::Add
+        )),
         "rmsnorm_backward"
     );
     let mut s2 = short.clone();
     assert_eq!(
-        op_of(be.rmsnorm_backward(&mut a, Some(&mut s2), &mut b, &ok, &ok, &ok, &ok, t, c)),
+        op_of(be.rmsnorm_backward(
+            &mut a,
+            Some(&mut s2),
+            &mut b,
+            &ok,
+            &ok,
+            &ok,
+            &ok,
+            t,
+            c,
+            GradWrite::Add
+        )),
         "rmsnorm_backward"
     );
     assert_eq!(
@@ -317,11 +409,33 @@ fn short_buffers_are_shape_errors_naming_the_op() {
         "matmul_forward"
     );
     assert_eq!(
-        op_of(be.matmul_backward(&mut a, &mut b, None, &short, &ok, &ok, t, c, c)),
+        op_of(be.matmul_backward(
+            &mut a,
+            &mut b,
+            None,
+            &short,
+            &ok,
+            &ok,
+            t,
+            c,
+            c,
+            GradWrite::Add
+        )),
         "matmul_backward_input"
     );
     assert_eq!(
-        op_of(be.matmul_backward(&mut a, &mut b, None, &ok, &short, &ok, t, c, c)),
+        op_of(be.matmul_backward(
+            &mut a,
+            &mut b,
+            None,
+            &ok,
+            &short,
+            &ok,
+            t,
+            c,
+            c,
+            GradWrite::Add
+        )),
         "matmul_backward_weight"
     );
     assert_eq!(
@@ -340,7 +454,18 @@ fn short_buffers_are_shape_errors_naming_the_op() {
     assert_eq!(op_of(be.add_inplace(&mut a, &short, 10)), "add_inplace");
     let mut l = vec![0.0; 4];
     assert_eq!(
-        op_of(be.classifier(&mut l, Some((&mut s, &mut b)), &ok, &ok, &tok, 1.0, t, c, 4)),
+        op_of(be.classifier(
+            &mut l,
+            Some((&mut s, &mut b)),
+            &ok,
+            &ok,
+            &tok,
+            1.0,
+            t,
+            c,
+            4,
+            GradWrite::Add
+        )),
         "classifier"
     );
     assert_eq!(op_of(be.scale(&mut s, 10, 1.0)), "scale");
@@ -443,7 +568,18 @@ fn bad_dims_and_indices_are_shape_errors() {
     let m = msg(be.embedding_backward(&mut a, &ok, &vec![-1, 0], 2, 2));
     assert!(m.contains("tokens[0] = -1"), "{m}");
     let mut l = vec![0.0; 2];
-    let m = msg(be.classifier(&mut l, None, &ok, &ok, &vec![-100, 4], 1.0, 2, 2, 4));
+    let m = msg(be.classifier(
+        &mut l,
+        None,
+        &ok,
+        &ok,
+        &vec![-100, 4],
+        1.0,
+        2,
+        2,
+        4,
+        GradWrite::Add,
+    ));
     assert!(m.contains("targets[1] = 4"), "{m}");
     // AdamW's step is 1-based.
     let hp = AdamWStep {
@@ -487,4 +623,49 @@ fn matmul_forward_residual_is_matmul_then_add() {
         fused.iter().all(|v| v.is_finite()),
         "out untouched on error"
     );
+}
+
+/// `GradWrite::Overwrite` (the first micro-step) gives, from NaN-poisoned gradients, exactly
+/// what `GradWrite::Add` gives from zeroed ones, for every op that writes a weight gradient.
+#[test]
+fn overwrite_equals_add_into_zeros() {
+    let be = CpuBackend::new();
+    let (t, ic, oc, v) = (13, 6, 5, 11);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let run = |write: GradWrite, start: f32| {
+        let mut r = rng(42);
+        let (x, dout) = (f32s(&mut r, t * ic), f32s(&mut r, t * oc));
+        let (mut dw, mut db) = (vec![start; oc * ic], vec![start; oc]);
+        be.matmul_backward_weight(&mut dw, Some(&mut db), &dout, &x, t, ic, oc, write)
+            .unwrap();
+        let (w, rstd) = (f32s(&mut r, ic), vec![0.7; t]);
+        let (mut dx, mut dweight) = (vec![0.0; t * ic], vec![start; ic]);
+        be.rmsnorm_backward(&mut dx, None, &mut dweight, &x, &x, &w, &rstd, t, ic, write)
+            .unwrap();
+        let wv = f32s(&mut r, v * ic);
+        let targets: Vec<i32> = (0..t as i32).map(|i| (i * 3) % v as i32).collect();
+        let (mut losses, mut dxc, mut dwc) = (vec![0.0; t], vec![0.0; t * ic], vec![start; v * ic]);
+        be.classifier(
+            &mut losses,
+            Some((&mut dxc, &mut dwc)),
+            &x,
+            &wv,
+            &targets,
+            0.1,
+            t,
+            ic,
+            v,
+            write,
+        )
+        .unwrap();
+        [dw, db, dweight, dwc]
+    };
+    let (over, add) = (
+        run(GradWrite::Overwrite, f32::NAN),
+        run(GradWrite::Add, 0.0),
+    );
+    for (o, a) in over.iter().zip(&add) {
+        assert_eq!(bits(o), bits(a));
+        assert!(o.iter().all(|x| x.is_finite()));
+    }
 }

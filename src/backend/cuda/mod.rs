@@ -22,7 +22,7 @@ use std::sync::Arc;
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig};
 
-use super::{AdamWStep, AttnDims, Backend, BackendError};
+use super::{AdamWStep, AttnDims, Backend, BackendError, GradWrite};
 
 pub use buf::{CudaBuf, DType};
 pub use compile::{arch_name, cache_dir, cuda_include_dir, KernelSource, SOURCES};
@@ -406,8 +406,21 @@ impl Backend for CudaBackend {
         rstd: &Self::Buf,
         t: usize,
         c: usize,
+        dweight_write: GradWrite,
     ) -> Result<(), BackendError> {
-        ops::rmsnorm::backward(self, dx, dx_copy, dweight, dout, x, weight, rstd, t, c)
+        ops::rmsnorm::backward(
+            self,
+            dx,
+            dx_copy,
+            dweight,
+            dout,
+            x,
+            weight,
+            rstd,
+            t,
+            c,
+            dweight_write,
+        )
     }
     fn matmul_forward(
         &self,
@@ -444,8 +457,9 @@ impl Backend for CudaBackend {
         t: usize,
         ic: usize,
         oc: usize,
+        write: GradWrite,
     ) -> Result<(), BackendError> {
-        ops::matmul::backward(self, dx, dw, dbias, dout, x, w, t, ic, oc)
+        ops::matmul::backward(self, dx, dw, dbias, dout, x, w, t, ic, oc, write)
     }
     fn matmul_backward_input(
         &self,
@@ -467,8 +481,9 @@ impl Backend for CudaBackend {
         t: usize,
         ic: usize,
         oc: usize,
+        write: GradWrite,
     ) -> Result<(), BackendError> {
-        ops::matmul::backward_weight(self, dw, dbias, dout, x, t, ic, oc)
+        ops::matmul::backward_weight(self, dw, dbias, dout, x, t, ic, oc, write)
     }
     fn rope_forward(
         &self,
@@ -549,8 +564,11 @@ impl Backend for CudaBackend {
         t: usize,
         c: usize,
         v: usize,
+        dw_write: GradWrite,
     ) -> Result<(), BackendError> {
-        ops::classifier::forward_backward(self, losses, grads, x, w, targets, loss_scale, t, c, v)
+        ops::classifier::forward_backward(
+            self, losses, grads, x, w, targets, loss_scale, t, c, v, dw_write,
+        )
     }
     fn sum_squares(&self, bufs: &[(&Self::Buf, usize)]) -> Result<f64, BackendError> {
         let f32s = bufs

@@ -5,7 +5,7 @@ use rand::Rng;
 use super::harness::{cu_of, positions_of, ragged_lengths, CaseError, CaseRun, Cases};
 use super::model_case::model_case;
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{AdamWStep, AttnDims, Backend};
+use crate::backend::{AdamWStep, AttnDims, Backend, GradWrite};
 use crate::model::rope_inv_freq;
 use crate::packing::IGNORE_INDEX;
 
@@ -95,10 +95,20 @@ fn op_list<B: Backend>(c: &mut Cases<B>) {
             io.output("rstd", &rstd, t)
         });
         // With the optional dx_copy (activation kind: the model's dres_act, the GEMMs' dout).
-        for with_copy in [false, true] {
+        // And dweight written over a poisoned buffer (the first micro-step).
+        for (with_copy, write) in [
+            (false, GradWrite::Add),
+            (true, GradWrite::Add),
+            (true, GradWrite::Overwrite),
+        ] {
             let name = format!(
-                "rmsnorm_backward{tag}{}",
-                if with_copy { "[dx_copy]" } else { "" }
+                "rmsnorm_backward{tag}{}{}",
+                if with_copy { "[dx_copy]" } else { "" },
+                if write == GradWrite::Overwrite {
+                    "[overwrite]"
+                } else {
+                    ""
+                }
             );
             c.case(name, "rmsnorm", |io| {
                 let x = io.randn(t * cc, 2.0);
@@ -111,7 +121,11 @@ fn op_list<B: Backend>(c: &mut Cases<B>) {
                         (1.0 / (ms + 1e-5).sqrt()) as f32
                     })
                     .collect();
-                let (dx0, dw0) = (io.randn(t * cc, 1.0), io.randn(cc, 1.0));
+                let dx0 = io.randn(t * cc, 1.0);
+                let dw0 = match write {
+                    GradWrite::Add => io.randn(cc, 1.0),
+                    GradWrite::Overwrite => vec![f32::NAN; cc],
+                };
                 let (xb, wb, db, rb) = (
                     io.input(&x)?,
                     io.full(&w)?,
@@ -123,9 +137,9 @@ fn op_list<B: Backend>(c: &mut Cases<B>) {
                 let mut cp = io.poisoned(t * cc)?;
                 let copy = with_copy.then_some(&mut cp);
                 io.be
-                    .rmsnorm_backward(&mut dx, copy, &mut dw, &db, &xb, &wb, &rb, t, cc)?;
+                    .rmsnorm_backward(&mut dx, copy, &mut dw, &db, &xb, &wb, &rb, t, cc, write)?;
                 io.output("dx (+=)", &dx, t * cc)?;
-                io.output("dweight (+=)", &dw, cc)?;
+                io.output("dweight", &dw, cc)?;
                 if with_copy {
                     io.output("dx_copy", &cp, t * cc)?;
                 }
@@ -183,6 +197,7 @@ fn op_list<B: Backend>(c: &mut Cases<B>) {
                 t,
                 ic,
                 oc,
+                GradWrite::Add,
             )?;
             io.output("dx", &dx, t * ic)?;
             io.output("dw (+=)", &dw, oc * ic)?;
@@ -200,20 +215,42 @@ fn op_list<B: Backend>(c: &mut Cases<B>) {
             io.be.matmul_backward_input(&mut dx, &dob, &wb, t, ic, oc)?;
             io.output("dx", &dx, t * ic)
         });
-        c.case(format!("matmul_backward_weight{tag}"), "matmul", |io| {
-            let x = io.randn(t * ic, 1.0);
-            let dout = io.randn(t * oc, 1.0);
-            let (dw0, db0) = (io.randn(oc * ic, 1.0), io.randn(oc, 1.0));
-            let (xb, dob) = (io.input(&x)?, io.input(&dout)?);
-            let (mut dw, mut db) = (io.full(&dw0)?, io.full(&db0)?);
-            io.be
-                .matmul_backward_weight(&mut dw, bias.then_some(&mut db), &dob, &xb, t, ic, oc)?;
-            io.output("dw (+=)", &dw, oc * ic)?;
-            if bias {
-                io.output("dbias (+=)", &db, oc)?;
-            }
-            Ok(())
-        });
+        // Added into random gradients, and written over poisoned ones (the first micro-step).
+        for write in [GradWrite::Add, GradWrite::Overwrite] {
+            let (mode, op) = match write {
+                GradWrite::Add => ("", "+="),
+                GradWrite::Overwrite => ("[overwrite]", "="),
+            };
+            c.case(
+                format!("matmul_backward_weight{tag}{mode}"),
+                "matmul",
+                |io| {
+                    let x = io.randn(t * ic, 1.0);
+                    let dout = io.randn(t * oc, 1.0);
+                    let (dw0, db0) = match write {
+                        GradWrite::Add => (io.randn(oc * ic, 1.0), io.randn(oc, 1.0)),
+                        GradWrite::Overwrite => (vec![f32::NAN; oc * ic], vec![f32::NAN; oc]),
+                    };
+                    let (xb, dob) = (io.input(&x)?, io.input(&dout)?);
+                    let (mut dw, mut db) = (io.full(&dw0)?, io.full(&db0)?);
+                    io.be.matmul_backward_weight(
+                        &mut dw,
+                        bias.then_some(&mut db),
+                        &dob,
+                        &xb,
+                        t,
+                        ic,
+                        oc,
+                        write,
+                    )?;
+                    io.output(&format!("dw ({op})"), &dw, oc * ic)?;
+                    if bias {
+                        io.output(&format!("dbias ({op})"), &db, oc)?;
+                    }
+                    Ok(())
+                },
+            );
+        }
     }
 
     // ------------------------------------------------------------ rope
@@ -339,11 +376,15 @@ fn op_list<B: Backend>(c: &mut Cases<B>) {
     });
 
     // ------------------------------------------------------------ classifier
-    for grads in [false, true] {
-        let name = if grads {
-            "classifier[grads]"
-        } else {
-            "classifier[loss only]"
+    for (grads, write) in [
+        (false, GradWrite::Add),
+        (true, GradWrite::Add),
+        (true, GradWrite::Overwrite),
+    ] {
+        let name = match (grads, write) {
+            (false, _) => "classifier[loss only]",
+            (true, GradWrite::Add) => "classifier[grads]",
+            (true, GradWrite::Overwrite) => "classifier[grads][overwrite]",
         };
         c.case(name, "classifier", |io| {
             let t = OP_TOKENS + 9;
@@ -364,7 +405,10 @@ fn op_list<B: Backend>(c: &mut Cases<B>) {
             let mut losses = io.poisoned_full(t)?;
             let scale = 1.0 / n_targets as f32;
             if grads {
-                let dw0 = io.randn(V * C, 1e-3);
+                let dw0 = match write {
+                    GradWrite::Add => io.randn(V * C, 1e-3),
+                    GradWrite::Overwrite => vec![f32::NAN; V * C],
+                };
                 let (mut dx, mut dw) = (io.poisoned(t * C)?, io.full(&dw0)?);
                 io.be.classifier(
                     &mut losses,
@@ -376,13 +420,24 @@ fn op_list<B: Backend>(c: &mut Cases<B>) {
                     t,
                     C,
                     V,
+                    write,
                 )?;
                 io.output("losses", &losses, t)?;
                 io.output("dx", &dx, t * C)?;
-                io.output("dw (+=)", &dw, V * C)
+                io.output("dw", &dw, V * C)
             } else {
-                io.be
-                    .classifier(&mut losses, None, &xb, &wb, &tb, scale, t, C, V)?;
+                io.be.classifier(
+                    &mut losses,
+                    None,
+                    &xb,
+                    &wb,
+                    &tb,
+                    scale,
+                    t,
+                    C,
+                    V,
+                    GradWrite::Add,
+                )?;
                 io.output("losses", &losses, t)
             }
         });

@@ -1,12 +1,14 @@
 //! The backward of [`Llama`]: the forward of the micro-batch, then the final norm, the layers
 //! in reverse (a layer's forward re-run first when activations are recomputed) and the
 //! embedding, each op's backward in the reverse order of the list in `mod.rs`. `dres` carries
-//! the residual-stream gradient; weight gradients are added (`+=`), so micro-steps accumulate.
+//! the residual-stream gradient; weight gradients are added (`+=`), so micro-steps accumulate,
+//! except in the first backward after `zero_grads`, which writes them (`GradWrite::Overwrite`)
+//! instead of zeroing 4 bytes per parameter first.
 //! Every other gradient scratch (ds, dgate_up, dn, datt, dqkv) is overwritten by the op that
 //! produces it, so none is zeroed first.
 
 use super::{gemm_weight, DeviceBatch, GradsReady, Llama};
-use crate::backend::{Backend, BackendError};
+use crate::backend::{Backend, BackendError, GradWrite};
 
 impl<B: Backend> Llama<B> {
     /// Forward and backward of one micro-batch: gradients of `loss_scale * sum_t loss_t` are
@@ -36,6 +38,7 @@ impl<B: Backend> Llama<B> {
         // The loss is read back only after the backward is queued, so a device backend runs
         // the whole micro-step without waiting for the host.
         self.forward_inner(be, batch, Some(loss_scale))?;
+        let write = self.grad_write();
         let m = self.dims;
         let t = batch.t;
         let n_layers = self.layout.layers.len();
@@ -52,6 +55,7 @@ impl<B: Backend> Llama<B> {
             &self.rstd_f,
             t,
             m.c,
+            write,
         )?;
         // Everything after the last layer: ln_f, and lm_head when untied (tied, it is the
         // embedding, index 0, final only at the end).
@@ -63,7 +67,7 @@ impl<B: Backend> Llama<B> {
             } else {
                 l
             };
-            self.layer_backward(be, l, slot, batch)?;
+            self.layer_backward(be, l, slot, batch, write)?;
             grads_ready(&mut self.grads, self.layout.layers[l].first())?;
         }
         be.embedding_backward(
@@ -73,6 +77,7 @@ impl<B: Backend> Llama<B> {
             t,
             m.c,
         )?;
+        self.overwrite_grads = false;
         Ok(self.loss_sum(be, t)?)
     }
 
@@ -83,6 +88,7 @@ impl<B: Backend> Llama<B> {
         l: usize,
         slot: usize,
         batch: &DeviceBatch<B>,
+        write: GradWrite,
     ) -> Result<(), BackendError> {
         let m = self.dims;
         let t = batch.t;
@@ -102,7 +108,7 @@ impl<B: Backend> Llama<B> {
         be.matmul_backward_input(&mut s.ds, &s.dres_act, gw(p.wdown), t, m.f, m.c)?;
         let s_out = (!self.recompute).then_some(&mut s.s);
         be.swiglu_backward(&mut s.dgate_up, s_out, &s.ds, &a.gate_up, t, m.f)?;
-        be.matmul_backward_weight(&mut g[p.wdown], None, &s.dres_act, &s.s, t, m.f, m.c)?;
+        be.matmul_backward_weight(&mut g[p.wdown], None, &s.dres_act, &s.s, t, m.f, m.c, write)?;
         be.matmul_backward(
             &mut s.dn,
             &mut g[p.wgate_up],
@@ -113,6 +119,7 @@ impl<B: Backend> Llama<B> {
             t,
             m.c,
             2 * m.f,
+            write,
         )?;
         // dres += rmsnorm'(dn2): now dres = d r1, and dres_act its copy for the Wo backward.
         be.rmsnorm_backward(
@@ -125,6 +132,7 @@ impl<B: Backend> Llama<B> {
             &a.rstd2,
             t,
             m.c,
+            write,
         )?;
 
         // r1 = r0 + att Wo^T
@@ -138,6 +146,7 @@ impl<B: Backend> Llama<B> {
             t,
             m.h * m.d,
             m.c,
+            write,
         )?;
         be.attention_backward(
             &mut s.dqkv,
@@ -168,6 +177,7 @@ impl<B: Backend> Llama<B> {
                     t,
                     m.c,
                     m.qkv,
+                    write,
                 )?;
             }
             None => be.matmul_backward(
@@ -180,6 +190,7 @@ impl<B: Backend> Llama<B> {
                 t,
                 m.c,
                 m.qkv,
+                write,
             )?,
         }
         // dres += rmsnorm'(dn1): now dres = d r0, copied for layer l-1's Wdown backward (layer
@@ -194,6 +205,7 @@ impl<B: Backend> Llama<B> {
             &a.rstd1,
             t,
             m.c,
+            write,
         )?;
         Ok(())
     }

@@ -27,7 +27,7 @@
 //! the SwiGLU backward writes it again from gate_up, which it reads anyway, before the Wdown
 //! weight gradient needs it.
 
-use crate::backend::{AttnDims, Backend, BackendError};
+use crate::backend::{AttnDims, Backend, BackendError, GradWrite};
 use crate::config::ModelConfig;
 use crate::packing::PackedBatch;
 
@@ -162,6 +162,9 @@ pub struct Llama<B: Backend> {
     /// Per-token loss of the last forward.
     losses: B::Buf,
     scratch: Scratch<B>,
+    /// Set by `zero_grads`: the next backward writes every gradient instead of adding to it
+    /// (the embedding's, scatter-added, is zeroed by `zero_grads` itself).
+    overwrite_grads: bool,
 }
 
 /// The hook of [`Llama::forward_backward_hooked`]: `(grads, from)` says the gradients of
@@ -318,7 +321,17 @@ impl<B: Backend> Llama<B> {
             rstd_f: be.alloc(cap)?,
             losses: be.alloc(cap)?,
             scratch,
+            overwrite_grads: false,
         })
+    }
+
+    /// How the next backward stores the weight gradients (see `zero_grads`).
+    fn grad_write(&self) -> GradWrite {
+        if self.overwrite_grads {
+            GradWrite::Overwrite
+        } else {
+            GradWrite::Add
+        }
     }
 
     /// Largest batch (tokens) this model's buffers hold.
@@ -479,6 +492,7 @@ impl<B: Backend> Llama<B> {
             m.c,
             m.eps,
         )?;
+        let write = self.grad_write();
         let lm = self.layout.lm_head;
         let w_lm = gemm_weight::<B>(&self.working, &self.params, lm);
         match loss_scale {
@@ -492,6 +506,7 @@ impl<B: Backend> Llama<B> {
                 t,
                 m.c,
                 m.v,
+                write,
             )?,
             Some(scale) => {
                 // dnf lands in scratch.dn; the lm_head gradient accumulates into its grad.
@@ -506,6 +521,7 @@ impl<B: Backend> Llama<B> {
                     t,
                     m.c,
                     m.v,
+                    write,
                 )?
             }
         }
@@ -523,10 +539,16 @@ impl<B: Backend> Llama<B> {
         be.download(&self.losses, t)
     }
 
-    /// Zero every gradient (start of an optimizer step).
+    /// Start an optimizer step: the next backward writes the gradients instead of adding to
+    /// them (its ops overwrite: cuBLAS with beta 0, so 4.4 GB of memsets per step are saved on
+    /// TinyLlama). Only the embedding's gradient, which the backward scatter-adds into, is
+    /// zeroed here, unless it is tied to the lm_head, whose classifier backward writes it
+    /// first.
     pub fn zero_grads(&mut self, be: &B) -> Result<(), BackendError> {
-        for (g, spec) in self.grads.iter_mut().zip(&self.layout.specs) {
-            be.zero(g, spec.numel())?;
+        self.overwrite_grads = true;
+        let embed = self.layout.embed;
+        if self.layout.lm_head != embed {
+            be.zero(&mut self.grads[embed], self.layout.specs[embed].numel())?;
         }
         Ok(())
     }

@@ -72,26 +72,92 @@ fn layer_fwd_bwd(be: &CpuBackend, l: &Layer, seed: u64, timed: bool) -> Vec<f32>
         (z(qkvw * c), z(c * c), z(2 * f * c), z(c * f), z(c), z(c));
     let mut dx2 = dy.clone();
     let (mut dsw, mut dgu, mut dn2) = (z(t * f), z(t * 2 * f), z(t * c));
-    be.matmul_backward(&mut dsw, &mut dwd, None, &dy, &sw, &wd, t, f, c)
-        .unwrap();
+    be.matmul_backward(
+        &mut dsw,
+        &mut dwd,
+        None,
+        &dy,
+        &sw,
+        &wd,
+        t,
+        f,
+        c,
+        GradWrite::Add,
+    )
+    .unwrap();
     be.swiglu_backward(&mut dgu, None, &dsw, &gu, t, f).unwrap();
-    be.matmul_backward(&mut dn2, &mut dwgu, None, &dgu, &n2, &wgu, t, c, 2 * f)
-        .unwrap();
-    be.rmsnorm_backward(&mut dx2, None, &mut dln2, &dn2, &x2, &ln2, &r2, t, c)
-        .unwrap();
+    be.matmul_backward(
+        &mut dn2,
+        &mut dwgu,
+        None,
+        &dgu,
+        &n2,
+        &wgu,
+        t,
+        c,
+        2 * f,
+        GradWrite::Add,
+    )
+    .unwrap();
+    be.rmsnorm_backward(
+        &mut dx2,
+        None,
+        &mut dln2,
+        &dn2,
+        &x2,
+        &ln2,
+        &r2,
+        t,
+        c,
+        GradWrite::Add,
+    )
+    .unwrap();
     let mut dx = dx2.clone();
     let (mut datt, mut dqkv, mut dn1) = (z(t * c), z(t * qkvw), z(t * c));
-    be.matmul_backward(&mut datt, &mut dwo, None, &dx2, &att, &wo, t, c, c)
-        .unwrap();
+    be.matmul_backward(
+        &mut datt,
+        &mut dwo,
+        None,
+        &dx2,
+        &att,
+        &wo,
+        t,
+        c,
+        c,
+        GradWrite::Add,
+    )
+    .unwrap();
     let t_att = std::time::Instant::now();
     be.attention_backward(&mut dqkv, &datt, &qkv, &att, &lse, &cu, dims)
         .unwrap();
     let t_att_bwd = t_att.elapsed();
     be.rope_backward(&mut dqkv, &pos, &inv_freq, dims).unwrap();
-    be.matmul_backward(&mut dn1, &mut dwqkv, None, &dqkv, &n1, &wqkv, t, c, qkvw)
-        .unwrap();
-    be.rmsnorm_backward(&mut dx, None, &mut dln1, &dn1, &x, &ln1, &r1, t, c)
-        .unwrap();
+    be.matmul_backward(
+        &mut dn1,
+        &mut dwqkv,
+        None,
+        &dqkv,
+        &n1,
+        &wqkv,
+        t,
+        c,
+        qkvw,
+        GradWrite::Add,
+    )
+    .unwrap();
+    be.rmsnorm_backward(
+        &mut dx,
+        None,
+        &mut dln1,
+        &dn1,
+        &x,
+        &ln1,
+        &r1,
+        t,
+        c,
+        GradWrite::Add,
+    )
+    .unwrap();
     if timed {
         eprintln!(
             "layer T={t} C={c} H={h} Hkv={hkv} F={f} docs={:?}: forward {:.1} ms, forward+backward \

@@ -9,7 +9,8 @@
 //!   `classifier_xent_vec4` (the row in registers; V % 4 == 0, V <= 32768) or
 //!   `classifier_xent` (one block per row): losses, and with grads dlogits
 //!   dx[r0..] [bt, C] = dlogits [bt, V] w [V, C]      gemm(N, N), beta 0
-//!   dw [V, C] += dlogits^T x[r0..]                   gemm(T, N), beta 1 (chunks ascending)
+//!   dw [V, C] += dlogits^T x[r0..]                   gemm(T, N), beta 1 (chunks ascending;
+//!                                                    beta 0 for the first with GradWrite::Overwrite)
 //! The GEMM operands share one precision (bf16 when x or w is; see `matmul::operand`). The
 //! logits are f32 whatever it is, so the loss is exact up to the operands' rounding; dlogits
 //! are written in the operand precision (in place over the logits when that is f32).
@@ -22,7 +23,7 @@ use super::matmul::operand;
 use super::need;
 use crate::backend::cuda::gemm::Mat;
 use crate::backend::cuda::{drv, launch, CudaBackend, CudaBuf, CudaIdx, DType};
-use crate::backend::{Backend, BackendError};
+use crate::backend::{Backend, BackendError, GradWrite};
 
 /// Most f32 elements of the logits scratch (512 MiB), at least one row.
 const CHUNK_ELEMS: usize = 1 << 27;
@@ -79,6 +80,7 @@ pub fn forward_backward(
     t: usize,
     c: usize,
     v: usize,
+    dw_write: GradWrite,
 ) -> Result<(), BackendError> {
     need(OP, "losses [T]", losses.len(), t)?;
     need(OP, "x [T, C]", x.len(), prod(t, c)?)?;
@@ -99,14 +101,15 @@ pub fn forward_backward(
     to_i32("T", t)?;
     to_i32("C", c)?;
     to_i32("V", v)?;
-    if t == 0 {
-        return Ok(());
-    }
-    if v == 0 {
-        // Every target is ignored (checked above): zero losses and dx; dw gets nothing.
+    if t == 0 || v == 0 {
+        // No rows, or every target ignored (checked above): zero losses and dx; dw gets
+        // nothing (it is zeroed when it is to be overwritten).
         be.zero(losses, t)?;
-        if let Some((dx, _)) = grads {
+        if let Some((dx, dw)) = grads {
             be.zero(dx, t * c)?;
+            if dw_write == GradWrite::Overwrite {
+                be.zero(dw, v * c)?;
+            }
         }
         return Ok(());
     }
@@ -174,8 +177,13 @@ pub fn forward_backward(
                 dxc,
                 1,
             )?;
-            // dw [V, C] += dlogits^T [V, bt] x_chunk [bt, C]
-            be.gemm(true, false, v, c, bt, 1.0, dlg, xc, 1.0, dwm, 1)?;
+            // dw [V, C] += dlogits^T [V, bt] x_chunk [bt, C]; the first chunk overwrites when
+            // asked (beta 0: dw is never read).
+            let beta = match (dw_write, r0) {
+                (GradWrite::Overwrite, 0) => 0.0,
+                _ => 1.0,
+            };
+            be.gemm(true, false, v, c, bt, 1.0, dlg, xc, beta, dwm, 1)?;
         }
     }
     Ok(())
@@ -315,6 +323,7 @@ mod tests {
             t,
             c,
             v,
+            GradWrite::Add,
         )
         .unwrap();
         let up = |x: &[f32]| {
@@ -338,6 +347,7 @@ mod tests {
             t,
             c,
             v,
+            GradWrite::Add,
         )
         .unwrap();
         let cmp = |what: &str, g: &CudaBuf, want: &[f32]| {
@@ -373,14 +383,36 @@ mod tests {
         }
         // Without gradients: the same losses.
         let mut losses2 = up(&vec![f32::NAN; t]);
-        be.classifier(&mut losses2, None, &x_g, &w_g, &tg_g, scale, t, c, v)
-            .unwrap();
+        be.classifier(
+            &mut losses2,
+            None,
+            &x_g,
+            &w_g,
+            &tg_g,
+            scale,
+            t,
+            c,
+            v,
+            GradWrite::Add,
+        )
+        .unwrap();
         cmp("losses (no grads)", &losses2, &losses_c);
         // A target >= V is a shape error.
         let mut bad = targets.clone();
         bad[5] = v as i32;
         be.upload_idx(&mut tg_g, &bad).unwrap();
-        let r = be.classifier(&mut losses2, None, &x_g, &w_g, &tg_g, scale, t, c, v);
+        let r = be.classifier(
+            &mut losses2,
+            None,
+            &x_g,
+            &w_g,
+            &tg_g,
+            scale,
+            t,
+            c,
+            v,
+            GradWrite::Add,
+        );
         assert!(matches!(r, Err(BackendError::Shape { .. })), "{r:?}");
     }
 
@@ -547,6 +579,7 @@ mod tests {
                 t,
                 c,
                 v,
+                GradWrite::Add,
             )
             .unwrap()
         };

@@ -6,7 +6,7 @@ use super::elementwise::{dim_i32, prod};
 use super::need;
 use crate::backend::cuda::gemm::Mat;
 use crate::backend::cuda::{grid_1d, launch, CudaBackend, CudaBuf, DType};
-use crate::backend::BackendError;
+use crate::backend::{Backend, BackendError, GradWrite};
 
 /// The operand precision of a GEMM over these buffers: bf16 when any of them is bf16 (so the
 /// f32 ones are converted), else f32.
@@ -143,7 +143,8 @@ pub fn backward_input(
     input_gemm(be, dx, dout, w, t, ic, oc).map(drop)
 }
 
-/// dw `[OC, IC]` += dout^T x; dbias `[OC]` += column sums of dout.
+/// dw `[OC, IC]` += dout^T x; dbias `[OC]` += column sums of dout (both = with
+/// `GradWrite::Overwrite`: beta 0, so cuBLAS never reads dw).
 #[allow(clippy::too_many_arguments)]
 pub fn backward_weight(
     be: &CudaBackend,
@@ -154,6 +155,7 @@ pub fn backward_weight(
     t: usize,
     ic: usize,
     oc: usize,
+    write: GradWrite,
 ) -> Result<(), BackendError> {
     const OP: &str = "matmul_backward_weight";
     need(OP, "dw [OC, IC]", dw.len(), prod(OP, &[oc, ic])?)?;
@@ -162,7 +164,7 @@ pub fn backward_weight(
     }
     need(OP, "dout [T, OC]", dout.len(), prod(OP, &[t, oc])?)?;
     need(OP, "x [T, IC]", x.len(), prod(OP, &[t, ic])?)?;
-    weight_gemm(be, dw, dbias, dout, None, x, t, ic, oc)
+    weight_gemm(be, dw, dbias, dout, None, x, t, ic, oc, write)
 }
 
 /// Both halves, [`backward_input`] then [`backward_weight`], converting an f32 dout to the
@@ -179,6 +181,7 @@ pub fn backward(
     t: usize,
     ic: usize,
     oc: usize,
+    write: GradWrite,
 ) -> Result<(), BackendError> {
     const OP: &str = "matmul_backward";
     need(OP, "dx [T, IC]", dx.len(), prod(OP, &[t, ic])?)?;
@@ -190,7 +193,7 @@ pub fn backward(
     need(OP, "x [T, IC]", x.len(), prod(OP, &[t, ic])?)?;
     need(OP, "w [OC, IC]", w.len(), prod(OP, &[oc, ic])?)?;
     let ds = input_gemm(be, dx, dout, w, t, ic, oc)?;
-    weight_gemm(be, dw, dbias, dout, ds, x, t, ic, oc)
+    weight_gemm(be, dw, dbias, dout, ds, x, t, ic, oc, write)
 }
 
 /// dx = dout w with beta 0 (lengths checked by the caller). Returns the converted copy of
@@ -223,7 +226,8 @@ fn input_gemm(
     Ok(ds)
 }
 
-/// dw += dout^T x and dbias += (lengths checked by the caller); `ds` is a converted copy of
+/// dw += dout^T x and dbias += (= with `GradWrite::Overwrite`; lengths checked by the caller);
+/// `ds` is a converted copy of
 /// dout already made by [`input_gemm`], used when it has the precision this GEMM needs.
 #[allow(clippy::too_many_arguments)]
 fn weight_gemm(
@@ -236,6 +240,7 @@ fn weight_gemm(
     t: usize,
     ic: usize,
     oc: usize,
+    write: GradWrite,
 ) -> Result<(), BackendError> {
     // Operands dout, x (dw is f32 or matches them).
     let dt = operand_dtype(&[dw, dout, x]);
@@ -254,11 +259,18 @@ fn weight_gemm(
         1.0,
         Mat::of(be, ds.as_ref().unwrap_or(dout), oc),
         Mat::of(be, xs.as_ref().unwrap_or(x), ic),
-        1.0,
+        match write {
+            GradWrite::Add => 1.0,
+            GradWrite::Overwrite => 0.0,
+        },
         Mat::of(be, dw, ic),
         1,
     )?;
     if let Some(db) = dbias {
+        if write == GradWrite::Overwrite {
+            // OC floats: bias_add_backward adds into them.
+            be.zero(db, oc)?;
+        }
         let (t32, oc32) = (
             dim_i32("matmul_backward_weight", "T", t)?,
             dim_i32("matmul_backward_weight", "OC", oc)?,

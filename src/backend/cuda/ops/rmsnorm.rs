@@ -9,7 +9,7 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 use super::elementwise::{dim_i32, prod, vec8_ok};
 use super::need;
 use crate::backend::cuda::{drv, grid_1d, launch, CudaBackend, CudaBuf};
-use crate::backend::BackendError;
+use crate::backend::{Backend, BackendError, GradWrite};
 
 /// Rows per dweight partial; must equal `RMSNORM_ROWS` in `rmsnorm.cu`.
 const ROWS: usize = 256;
@@ -68,8 +68,9 @@ pub fn forward(
     })
 }
 
-/// dx `[T, C]` += (the residual stream), dweight `[C]` += (deterministic); `dx_copy` `[T, C]`,
-/// when given, overwritten with the new dx rounded to its precision, by the same kernel.
+/// dx `[T, C]` += (the residual stream), dweight `[C]` += (deterministic; = with
+/// `GradWrite::Overwrite`, zeroed first); `dx_copy` `[T, C]`, when given, overwritten with the
+/// new dx rounded to its precision, by the same kernel.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     be: &CudaBackend,
@@ -82,6 +83,7 @@ pub fn backward(
     rstd: &CudaBuf,
     t: usize,
     c: usize,
+    dweight_write: GradWrite,
 ) -> Result<(), BackendError> {
     const OP: &str = "rmsnorm_backward";
     let n = prod(OP, &[t, c])?;
@@ -94,6 +96,10 @@ pub fn backward(
     need(OP, "x [T, C]", x.len(), n)?;
     need(OP, "weight [C]", weight.len(), c)?;
     need(OP, "rstd [T]", rstd.len(), t)?;
+    if dweight_write == GradWrite::Overwrite {
+        // C floats: the reduce below adds into them.
+        be.zero(dweight, c)?;
+    }
     if t == 0 || c == 0 {
         return Ok(());
     }
@@ -161,7 +167,7 @@ pub fn backward(
 mod tests {
     use super::super::elementwise::gpu_test::*;
     use crate::backend::cuda::DType;
-    use crate::backend::Backend;
+    use crate::backend::{Backend, GradWrite};
 
     /// CUDA against the CPU on a GPU only; T = 2 ROWS + 45 (three dweight partials, the last
     /// ragged), C = 100. Tolerance 1e-5 relative: both sum ~100 or ~256 f32 terms in
@@ -188,8 +194,19 @@ mod tests {
         close("rmsnorm out", &down(&be, &out_g, t * c), &out_c, 1e-5);
         close("rmsnorm rstd", &down(&be, &rstd_g, t), &rstd_c, 1e-5);
         let (mut dx_c, mut dw_c) = (dx0.clone(), dw0.clone());
-        cpu.rmsnorm_backward(&mut dx_c, None, &mut dw_c, &dout, &x, &w, &rstd_c, t, c)
-            .unwrap();
+        cpu.rmsnorm_backward(
+            &mut dx_c,
+            None,
+            &mut dw_c,
+            &dout,
+            &x,
+            &w,
+            &rstd_c,
+            t,
+            c,
+            GradWrite::Add,
+        )
+        .unwrap();
         let (mut dx_g, mut dw_g) = (up(&be, &dx0), up(&be, &dw0));
         // A bf16 copy of the new dx: the same bits as converting dx afterwards.
         let mut cp_g = be.alloc_dtype(t * c, DType::Bf16).unwrap();
@@ -203,6 +220,7 @@ mod tests {
             &rstd_g,
             t,
             c,
+            GradWrite::Add,
         )
         .unwrap();
         close("rmsnorm dx", &down(&be, &dx_g, t * c), &dx_c, 1e-5);
@@ -219,10 +237,32 @@ mod tests {
         let mut dw_h = up(&be, &once);
         let mut dw_i = up(&be, &once);
         let dout_g = up(&be, &dout);
-        be.rmsnorm_backward(&mut dx_g, None, &mut dw_h, &dout_g, &xg, &wg, &rstd_g, t, c)
-            .unwrap();
-        be.rmsnorm_backward(&mut dx_g, None, &mut dw_i, &dout_g, &xg, &wg, &rstd_g, t, c)
-            .unwrap();
+        be.rmsnorm_backward(
+            &mut dx_g,
+            None,
+            &mut dw_h,
+            &dout_g,
+            &xg,
+            &wg,
+            &rstd_g,
+            t,
+            c,
+            GradWrite::Add,
+        )
+        .unwrap();
+        be.rmsnorm_backward(
+            &mut dx_g,
+            None,
+            &mut dw_i,
+            &dout_g,
+            &xg,
+            &wg,
+            &rstd_g,
+            t,
+            c,
+            GradWrite::Add,
+        )
+        .unwrap();
         assert_eq!(down(&be, &dw_h, c), down(&be, &dw_i, c));
     }
 }

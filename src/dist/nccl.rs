@@ -350,17 +350,8 @@ impl NcclComm {
                     });
                     continue;
                 }
-                let root = match *op {
-                    Collective::AllReduceSum => 0,
-                    Collective::ReduceSum { root } | Collective::Broadcast { root } => root,
-                };
-                if root >= self.world_size() {
-                    first.get_or_insert_with(|| {
-                        self.err(format!(
-                            "{op:?}: root {root} of {} ranks",
-                            self.world_size()
-                        ))
-                    });
+                if let Err(m) = op.root(self.world_size()) {
+                    first.get_or_insert_with(|| self.err(m));
                     continue;
                 }
                 let p = {
@@ -438,6 +429,21 @@ pub enum Collective {
     ReduceSum { root: usize },
     /// Every rank ends with rank `root`'s buffer.
     Broadcast { root: usize },
+}
+
+impl Collective {
+    /// The root rank (0 for an all-reduce, which has none), or why it is not one of `world`.
+    fn root(self, world: usize) -> Result<usize, String> {
+        match self {
+            Collective::AllReduceSum => Ok(0),
+            Collective::ReduceSum { root } | Collective::Broadcast { root } if root < world => {
+                Ok(root)
+            }
+            Collective::ReduceSum { root } | Collective::Broadcast { root } => {
+                Err(format!("{self:?}: root {root} of {world} ranks"))
+            }
+        }
+    }
 }
 
 /// `Some(message)` when NCCL reports an asynchronous error on `comm`.
@@ -520,6 +526,15 @@ fn spawn_watchdog(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_root_outside_the_world_is_an_error() {
+        assert_eq!(Collective::AllReduceSum.root(2), Ok(0));
+        assert_eq!(Collective::ReduceSum { root: 1 }.root(2), Ok(1));
+        let e = Collective::Broadcast { root: 2 }.root(2).unwrap_err();
+        assert!(e.contains("root 2 of 2 ranks"), "{e}");
+        assert!(Collective::ReduceSum { root: 5 }.root(4).is_err());
+    }
 
     #[test]
     fn suspects_name_the_peer_of_two() {

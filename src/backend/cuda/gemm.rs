@@ -17,7 +17,7 @@ use cudarc::cublas::sys;
 use cudarc::driver::sys::CUdeviceptr;
 
 use super::buf::{CudaBuf, DType};
-use super::lt::PlanKey;
+use super::lt::{Operands, PlanKey};
 use super::CudaBackend;
 use crate::backend::BackendError;
 
@@ -122,6 +122,49 @@ pub(crate) fn check(status: sys::cublasStatus_t, what: &'static str) -> Result<(
     }
 }
 
+/// The compute type of a call, and the checks of its operands: A and B share one element
+/// type (bf16 on tensor cores with f32 accumulation into any C; f32 into an f32 C, as `mode`
+/// says), and C and D share type, leading dimension and batch stride.
+fn compute_type(
+    a: &Mat,
+    b: &Mat,
+    c: &Mat,
+    d: &Mat,
+    mode: GemmMode,
+) -> Result<sys::cublasComputeType_t, BackendError> {
+    let shape = |message| BackendError::Shape {
+        op: "gemm",
+        message,
+    };
+    if (c.dtype, c.ld, c.stride) != (d.dtype, d.ld, d.stride) {
+        return Err(shape(format!(
+            "C and D differ in type, leading dimension or batch stride: {c:?} vs {d:?}"
+        )));
+    }
+    match (a.dtype, b.dtype, c.dtype) {
+        (DType::Bf16, DType::Bf16, _) => Ok(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F),
+        (DType::F32, DType::F32, DType::F32) => Ok(mode.compute_type()),
+        other => Err(shape(format!(
+            "operand types (A, B, C) = {other:?} are not supported"
+        ))),
+    }
+}
+
+/// Bytes of C to copy into D before a C != D call on `cublasGemmEx`: only one contiguous
+/// `[M, N]` matrix can be copied so.
+fn contiguous_bytes(c: &Mat, m: usize, n: usize, batch: usize) -> Result<usize, BackendError> {
+    if c.ld != n || batch != 1 {
+        return Err(BackendError::Shape {
+            op: "gemm",
+            message: format!(
+                "without cuBLASLt, C != D needs one contiguous matrix (ld {} for N = {n}, batch {batch})",
+                c.ld
+            ),
+        });
+    }
+    Ok(m * n * c.dtype.size())
+}
+
 impl CudaBackend {
     /// Row-major `C[M,N] = alpha op(A) op(B) + beta C` over `batch` matrices (strides in `Mat`).
     /// op(A) is `[M,K]`, op(B) is `[K,N]`. A and B share one element type: bf16 operands run
@@ -166,34 +209,25 @@ impl CudaBackend {
         if m == 0 || n == 0 || batch == 0 {
             return Ok(());
         }
-        let ct = match (a.dtype, b.dtype, c.dtype) {
-            (DType::Bf16, DType::Bf16, _) => sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            (DType::F32, DType::F32, DType::F32) => self.gemm_mode.compute_type(),
-            other => {
-                return Err(BackendError::Shape {
-                    op: "gemm",
-                    message: format!("operand types (A, B, C) = {other:?} are not supported"),
-                })
-            }
-        };
-        if (c.dtype, c.ld, c.stride) != (d.dtype, d.ld, d.stride) {
-            return Err(BackendError::Shape {
-                op: "gemm",
-                message: format!(
-                    "C and D differ in type, leading dimension or batch stride: {c:?} vs {d:?}"
-                ),
-            });
-        }
+        let ct = compute_type(&a, &b, &c, &d, self.gemm_mode)?;
         let key = PlanKey::new(trans_a, trans_b, m, n, k, &a, &b, &c, &d, batch, ct);
+        let ops = Operands {
+            alpha,
+            a,
+            b,
+            beta,
+            c,
+            d,
+        };
         if let Some(lt) = &self.lt {
-            if lt.matmul(self, &key, alpha, &a, &b, beta, &c, &d)? {
+            if lt.matmul(self, &key, &ops)? {
                 return Ok(());
             }
         }
         if c.ptr != d.ptr {
             self.copy_matrix(&c, &d, m, n, batch)?;
         }
-        self.gemm_ex(&key, alpha, &a, &b, beta, &d)
+        self.gemm_ex(&key, &ops)
     }
 
     /// D = C for a contiguous `[M, N]` matrix (the fallback of a C != D call without cuBLASLt).
@@ -205,16 +239,7 @@ impl CudaBackend {
         n: usize,
         batch: usize,
     ) -> Result<(), BackendError> {
-        if c.ld != n || batch != 1 {
-            return Err(BackendError::Shape {
-                op: "gemm",
-                message: format!(
-                    "without cuBLASLt, C != D needs one contiguous matrix (ld {} for N = {n}, batch {batch})",
-                    c.ld
-                ),
-            });
-        }
-        let bytes = m * n * c.dtype.size();
+        let bytes = contiguous_bytes(c, m, n, batch)?;
         // SAFETY: the callers checked both buffers hold M N elements of this type; same stream.
         unsafe {
             cudarc::driver::sys::cuMemcpyDtoDAsync_v2(d.ptr, c.ptr, bytes, self.stream.cu_stream())
@@ -223,17 +248,17 @@ impl CudaBackend {
         .map_err(super::drv("gemm (copy C to D)"))
     }
 
-    /// The plain cuBLAS call (C = D), for shapes where cuBLASLt has no algorithm or its
-    /// algorithms timed slower (see `lt.rs`).
-    pub(super) fn gemm_ex(
-        &self,
-        key: &PlanKey,
-        alpha: f32,
-        a: &Mat,
-        b: &Mat,
-        beta: f32,
-        c: &Mat,
-    ) -> Result<(), BackendError> {
+    /// The plain cuBLAS call, for shapes where cuBLASLt has no algorithm or its algorithms
+    /// timed slower (see `lt.rs`). It reads C from D (`ops.c` is not used: D holds C already).
+    pub(super) fn gemm_ex(&self, key: &PlanKey, ops: &Operands) -> Result<(), BackendError> {
+        let Operands {
+            alpha,
+            a,
+            b,
+            beta,
+            d: c,
+            ..
+        } = *ops;
         let (m, n, k, batch) = (key.m, key.n, key.k, key.batch);
         let ct = key.compute;
         let (ta, tb, tc) = (cuda_type(a.dtype), cuda_type(b.dtype), cuda_type(c.dtype));
@@ -293,5 +318,55 @@ impl CudaBackend {
             }
         };
         check(status, "cublasGemmEx")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mat(dtype: DType, ld: usize) -> Mat {
+        Mat {
+            ptr: 0x1000,
+            dtype,
+            ld,
+            stride: 0,
+        }
+    }
+
+    #[test]
+    fn operand_types_and_c_d_mismatches_are_errors() {
+        let (f, h) = (mat(DType::F32, 8), mat(DType::Bf16, 8));
+        fn ok(
+            a: &Mat,
+            b: &Mat,
+            c: &Mat,
+            d: &Mat,
+        ) -> Result<sys::cublasComputeType_t, BackendError> {
+            compute_type(a, b, c, d, GemmMode::Bf16)
+        }
+        assert!(ok(&h, &h, &f, &f).is_ok());
+        assert!(ok(&h, &h, &h, &h).is_ok());
+        assert_eq!(
+            ok(&f, &f, &f, &f).unwrap(),
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_16BF
+        );
+        let msg = |r: Result<_, BackendError>| r.unwrap_err().to_string();
+        assert!(msg(ok(&h, &f, &f, &f)).contains("not supported"));
+        assert!(msg(ok(&f, &f, &h, &h)).contains("not supported"));
+        // C and D: another type, another leading dimension, another batch stride.
+        assert!(msg(ok(&h, &h, &f, &h)).contains("C and D differ"));
+        assert!(msg(ok(&h, &h, &f, &mat(DType::F32, 9))).contains("C and D differ"));
+        let strided = Mat { stride: 64, ..f };
+        assert!(msg(ok(&h, &h, &f, &strided)).contains("C and D differ"));
+    }
+
+    #[test]
+    fn only_one_contiguous_matrix_is_copied_into_d() {
+        assert_eq!(contiguous_bytes(&mat(DType::Bf16, 8), 3, 8, 1).unwrap(), 48);
+        for (ld, batch) in [(9, 1), (8, 2)] {
+            let e = contiguous_bytes(&mat(DType::F32, ld), 3, 8, batch).unwrap_err();
+            assert!(e.to_string().contains("contiguous"), "{e}");
+        }
     }
 }

@@ -117,6 +117,24 @@ impl PlanKey {
     }
 }
 
+/// The operands of one `D = alpha op(A) op(B) + beta C` call (C may be D itself).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Operands {
+    pub alpha: f32,
+    pub a: Mat,
+    pub b: Mat,
+    pub beta: f32,
+    pub c: Mat,
+    pub d: Mat,
+}
+
+fn poisoned(what: &str) -> BackendError {
+    BackendError::Device {
+        op: "gemm",
+        message: format!("cuBLASLt {what} cache poisoned by an earlier panic"),
+    }
+}
+
 fn status(s: lsys::cublasStatus_t, what: &'static str) -> Result<(), BackendError> {
     if s == lsys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
         Ok(())
@@ -345,50 +363,36 @@ impl Lt {
         }))
     }
 
-    /// Run `D = alpha op(A) op(B) + beta C` with the plan of `key` (built on first use).
-    /// `Ok(false)`: this shape goes to `cublasGemmEx` (nothing was queued).
-    #[allow(clippy::too_many_arguments)]
+    /// Run the call with the plan of `key` (built on first use). `Ok(false)`: this shape goes
+    /// to `cublasGemmEx` (nothing was queued).
     pub fn matmul(
         &self,
         be: &CudaBackend,
         key: &PlanKey,
-        alpha: f32,
-        a: &Mat,
-        b: &Mat,
-        beta: f32,
-        c: &Mat,
-        d: &Mat,
+        ops: &Operands,
     ) -> Result<bool, BackendError> {
-        let mut plans = self.plans.lock().map_err(|_| BackendError::Device {
-            op: "gemm",
-            message: "cuBLASLt plan cache poisoned by an earlier panic".into(),
-        })?;
+        let mut plans = self.plans.lock().map_err(|_| poisoned("plan"))?;
         be.ctx.bind_to_thread().map_err(drv("gemm"))?;
-        if !plans.contains_key(key) {
-            let plan = self.choose(be, key, alpha, a, b, beta, c, d)?;
-            plans.insert(*key, plan);
-        }
-        match plans.get(key) {
-            Some(Some(plan)) => {
-                self.run(be, plan, &plan.algo, alpha, a, b, beta, c, d.ptr)?;
+        let plan = match plans.entry(*key) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(self.choose(be, key, ops)?),
+        };
+        match plan {
+            Some(plan) => {
+                self.run(be, plan, &plan.algo, ops)?;
                 Ok(true)
             }
-            _ => Ok(false),
+            None => Ok(false),
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// `ops` with `plan` and `algo` on the backend's stream.
     fn run(
         &self,
         be: &CudaBackend,
         plan: &Plan,
         algo: &lsys::cublasLtMatmulAlgo_t,
-        alpha: f32,
-        a: &Mat,
-        b: &Mat,
-        beta: f32,
-        c: &Mat,
-        d_ptr: u64,
+        ops: &Operands,
     ) -> Result<(), BackendError> {
         let ws = self.workspace_ptr(be);
         // SAFETY: the callers checked every operand's extent against the plan's dims, leading
@@ -397,15 +401,15 @@ impl Lt {
             lsys::cublasLtMatmul(
                 self.handle,
                 plan.desc,
-                &alpha as *const f32 as *const c_void,
-                b.ptr as *const c_void,
+                &ops.alpha as *const f32 as *const c_void,
+                ops.b.ptr as *const c_void,
                 plan.layouts[0],
-                a.ptr as *const c_void,
+                ops.a.ptr as *const c_void,
                 plan.layouts[1],
-                &beta as *const f32 as *const c_void,
-                c.ptr as *const c_void,
+                &ops.beta as *const f32 as *const c_void,
+                ops.c.ptr as *const c_void,
                 plan.layouts[2],
-                d_ptr as *mut c_void,
+                ops.d.ptr as *mut c_void,
                 plan.layouts[2],
                 algo,
                 ws as *mut c_void,
@@ -424,17 +428,11 @@ impl Lt {
 
     /// The plan of `key`: its descriptors and the heuristic's first algorithm, or when tuning
     /// the fastest of its first candidates and `cublasGemmEx`. `None`: use `cublasGemmEx`.
-    #[allow(clippy::too_many_arguments)]
     fn choose(
         &self,
         be: &CudaBackend,
         key: &PlanKey,
-        alpha: f32,
-        a: &Mat,
-        b: &Mat,
-        beta: f32,
-        c: &Mat,
-        d: &Mat,
+        ops: &Operands,
     ) -> Result<Option<Plan>, BackendError> {
         let mut plan = describe(key)?;
         let want = if self.tune { TUNE_CANDIDATES } else { 1 };
@@ -447,27 +445,23 @@ impl Lt {
         if !self.tune {
             return Ok(Some(plan));
         }
-        let poisoned = || BackendError::Device {
-            op: "gemm",
-            message: "cuBLASLt tuning cache poisoned by an earlier panic".into(),
-        };
         let bucket = key.tuning();
         let known = self
             .tuned
             .lock()
-            .map_err(|_| poisoned())?
+            .map_err(|_| poisoned("tuning"))?
             .get(&bucket)
             .copied();
         let choice = match known {
-            Some(None) if c.ptr == d.ptr => return Ok(None),
+            Some(None) if ops.c.ptr == ops.d.ptr => return Ok(None),
             Some(Some(algo)) if self.algo_fits(&plan, &algo) => Some(algo),
             // The bucket's choice does not apply to this exact shape: the heuristic's first.
             Some(_) => Some(first.algo),
             None => {
-                let best = self.fastest(be, key, &plan, &found, alpha, a, b, beta, c, d)?;
+                let best = self.fastest(be, key, &plan, &found, ops)?;
                 self.tuned
                     .lock()
-                    .map_err(|_| poisoned())?
+                    .map_err(|_| poisoned("tuning"))?
                     .insert(bucket, best);
                 best
             }
@@ -576,24 +570,19 @@ impl Lt {
 
     /// Time each candidate (and `cublasGemmEx` where C = D) on the call's operands: the
     /// fastest algorithm, `None` for `cublasGemmEx`.
-    #[allow(clippy::too_many_arguments)]
     fn fastest(
         &self,
         be: &CudaBackend,
         key: &PlanKey,
         plan: &Plan,
         found: &[lsys::cublasLtMatmulHeuristicResult_t],
-        alpha: f32,
-        a: &Mat,
-        b: &Mat,
-        beta: f32,
-        c: &Mat,
-        d: &Mat,
+        ops: &Operands,
     ) -> Result<Option<lsys::cublasLtMatmulAlgo_t>, BackendError> {
         use cudarc::driver::sys::CUevent_flags;
         const OP: &str = "gemm tuning";
         // An accumulating call reads D: time it into a zeroed scratch D so D is not changed.
-        let scratch = if beta != 0.0 && c.ptr == d.ptr {
+        let in_place = ops.c.ptr == ops.d.ptr;
+        let scratch = if ops.beta != 0.0 && in_place {
             Some(
                 be.stream
                     .alloc_zeros::<u8>(key.d_bytes())
@@ -607,13 +596,17 @@ impl Lt {
                 use cudarc::driver::DevicePtr;
                 Mat {
                     ptr: s.device_ptr(&be.stream).0,
-                    ..*d
+                    ..ops.d
                 }
             }
-            None => *d,
+            None => ops.d,
         };
         // With C = D the timed runs read what they write: C follows D into the scratch.
-        let c_run = if c.ptr == d.ptr { d_run } else { *c };
+        let timed = Operands {
+            c: if in_place { d_run } else { ops.c },
+            d: d_run,
+            ..*ops
+        };
         let ev = || be.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT));
         let (start, end) = (ev().map_err(drv(OP))?, ev().map_err(drv(OP))?);
         // Mean time of TUNE_RUNS runs of `f` after one warm-up; None if it fails to launch.
@@ -633,7 +626,7 @@ impl Lt {
         let mut best: (f32, Option<lsys::cublasLtMatmulAlgo_t>) = (f32::INFINITY, None);
         let mut heuristic_ms = f32::NAN;
         for (i, cand) in found.iter().enumerate() {
-            let run = || self.run(be, plan, &cand.algo, alpha, a, b, beta, &c_run, d_run.ptr);
+            let run = || self.run(be, plan, &cand.algo, &timed);
             if let Some(ms) = time(&run)? {
                 if i == 0 {
                     heuristic_ms = ms;
@@ -644,8 +637,8 @@ impl Lt {
             }
         }
         let mut gemm_ex_ms = f32::NAN;
-        if c.ptr == d.ptr {
-            if let Some(ms) = time(&|| be.gemm_ex(key, alpha, a, b, beta, &d_run))? {
+        if in_place {
+            if let Some(ms) = time(&|| be.gemm_ex(key, &timed))? {
                 gemm_ex_ms = ms;
                 if ms < best.0 {
                     best = (ms, None);

@@ -8,12 +8,18 @@ Runs `BIN bench --model M --warmup 0 --steps 1` under `ncu --metrics gpu__time_d
 on its own (ncu serialises kernels: launch gaps and overlap are not in these numbers, and
 the first step also pays one-off costs such as cuBLAS heuristics, which are host-side).
 Prints kernels grouped by name: total ms, share, count, mean us, sorted by total.
+
+The profiled step is the first, so packtrain's GEMM algorithm tuning (which times up to 17
+candidates per shape bucket on first use) would be profiled with it: the script sets
+PACKTRAIN_GEMM_TUNE=0 (cuBLASLt's heuristic choice per shape; the tuned GEMMs of a real run are
+a few percent faster) unless --tune is given.
 """
 
 import argparse
 import collections
 import csv
 import io
+import os
 import subprocess
 import sys
 
@@ -26,6 +32,8 @@ def main() -> int:
     ap.add_argument("--no-recompute", action="store_true")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--ncu", default="ncu")
+    ap.add_argument("--tune", action="store_true",
+                    help="keep GEMM tuning on (its timing runs are then part of the profile)")
     args = ap.parse_args()
     cmd = [args.ncu, "--clock-control", "none", "--metrics", "gpu__time_duration.sum",
            "--csv", "--print-units", "base", args.binary, "bench", "--model", args.model,
@@ -33,7 +41,10 @@ def main() -> int:
     if args.no_recompute:
         cmd.append("--no-recompute")
     print("$", " ".join(cmd), flush=True)
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ)
+    if not args.tune:
+        env["PACKTRAIN_GEMM_TUNE"] = "0"
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if p.returncode != 0:
         print(p.stdout[-3000:], p.stderr[-3000:], sep="\n")
         return p.returncode

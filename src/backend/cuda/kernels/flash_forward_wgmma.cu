@@ -20,9 +20,13 @@ __device__ __forceinline__ void flash_fwd_wg(__nv_bfloat16* __restrict__ out,
                                              const int4* __restrict__ items, int T, int H,
                                              int Hkv, float scale_log2) {
     constexpr int TD = FA_TILE * D;  // elements of one tile
+    // D = 128: two K tiles and one V tile (4 tiles with Q, 65 KB: three blocks per SM) instead
+    // of two (K, V) pairs (5 tiles, 81 KB: two blocks per SM); V's copy then overlaps only S and
+    // the softmax of its own tile.
+    constexpr bool VSINGLE = D == 128;
     extern __shared__ __align__(16) unsigned short fa_smem_wg[];
     unsigned short* sQ = fa_smem_base(fa_smem_wg);
-    unsigned short* kv = sQ + TD;  // two (K, V) tile pairs: the pipeline's double buffer
+    unsigned short* kv = sQ + TD;  // two (K, V) tile pairs (VSINGLE: K, K, V)
     const int4 it = items[blockIdx.x / H];
     const int h = blockIdx.x % H;
     const int start = it.x, L = it.y, qt = it.z;
@@ -35,7 +39,7 @@ __device__ __forceinline__ void flash_fwd_wg(__nv_bfloat16* __restrict__ out,
     const __nv_bfloat16* vb = qkv + (long)start * W + (long)(H + Hkv + hk) * D;
     fa_tile_start_sw<D>(sQ, qkv + (long)(start + q0) * W + (long)h * D, W, L - q0);
     fa_tile_start_sw<D>(kv, kb, W, L);
-    fa_tile_start_sw<D>(kv + TD, vb, W, L);
+    if constexpr (!VSINGLE) fa_tile_start_sw<D>(kv + TD, vb, W, L);
     fa_async_commit();
 
     float o[D / 2];
@@ -45,8 +49,26 @@ __device__ __forceinline__ void flash_fwd_wg(__nv_bfloat16* __restrict__ out,
 
     for (int kt = 0; kt <= qt; ++kt) {
         const int k0 = kt * FA_TILE;
-        unsigned short* sK = fa_kv_step_sw<D>(kv, kb, vb, W, kt, qt, L);
-        unsigned short* sV = sK + TD;
+        unsigned short *sK, *sV;
+        if constexpr (VSINGLE) {
+            // K double-buffered (kv, kv + TD), one V tile after them. Every warp is past the
+            // previous tile's S and P V, so K's other buffer and V are free: start V of this
+            // tile and K of the next; V is waited for just before P V.
+            sK = kv + (kt & 1) * TD;
+            sV = kv + 2 * TD;
+            fa_async_wait<0>();  // K of this tile (and Q, at kt = 0)
+            fa_proxy_fence();
+            __syncthreads();
+            fa_tile_start_sw<D>(sV, vb + (long)k0 * W, W, L - k0);
+            fa_async_commit();
+            if (kt < qt)
+                fa_tile_start_sw<D>(kv + ((kt + 1) & 1) * TD, kb + (long)(k0 + FA_TILE) * W, W,
+                                    L - k0 - FA_TILE);
+            fa_async_commit();  // possibly empty: the count of groups stays the same
+        } else {
+            sK = fa_kv_step_sw<D>(kv, kb, vb, W, kt, qt, L);
+            sV = sK + TD;
+        }
 
         // S = Q K^T (s[4 nb + e]: the m16n8 C fragment of key block nb of this warp's rows).
         float s[32];
@@ -95,6 +117,11 @@ __device__ __forceinline__ void flash_fwd_wg(__nv_bfloat16* __restrict__ out,
                 o[4 * i + 2 * r + 1] *= alpha;
             }
         }
+        if constexpr (VSINGLE) {
+            fa_async_wait<1>();  // V of this tile (the next K may still be in flight)
+            fa_proxy_fence();
+            __syncthreads();
+        }
         // O += P V, one k16 step per 16 keys.
         unsigned a[4][4];
 #pragma unroll
@@ -136,11 +163,11 @@ __device__ __forceinline__ void flash_fwd_wg(__nv_bfloat16* __restrict__ out,
 #else
 #define FA_FWD_WG_BODY(D) asm volatile("trap;");
 #endif
-#define FA_FWD_WG_ENTRY(NAME, D)                                                              \
-    extern "C" __global__ void __launch_bounds__(FA_THREADS)                                  \
+#define FA_FWD_WG_ENTRY(NAME, D, MINB)                                                        \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS, MINB)                            \
         NAME(__nv_bfloat16* out, float* lse, const __nv_bfloat16* qkv, const int4* items,     \
              int T, int H, int Hkv, float scale_log2) {                                       \
         FA_FWD_WG_BODY(D)                                                                     \
     }
-FA_FWD_WG_ENTRY(flash_fwd_wg_d64_bf16, 64)
-FA_FWD_WG_ENTRY(flash_fwd_wg_d128_bf16, 128)
+FA_FWD_WG_ENTRY(flash_fwd_wg_d64_bf16, 64, 1)
+FA_FWD_WG_ENTRY(flash_fwd_wg_d128_bf16, 128, 3)

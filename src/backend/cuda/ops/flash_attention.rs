@@ -169,9 +169,11 @@ fn tile_bytes(d: usize) -> usize {
 /// The warpgroup kernels align their tiles to 1024 bytes inside the dynamic shared memory.
 const ALIGN_SLACK: usize = 1024;
 
-/// Warpgroup forward: Q and the two (K, V) pipeline pairs.
+/// Warpgroup forward: Q and the two (K, V) pipeline pairs; at D = 128 Q, two K tiles and one
+/// V tile (three blocks per SM).
 fn shared_bytes_fwd_wgmma(d: usize) -> usize {
-    5 * tile_bytes(d) + ALIGN_SLACK
+    let tiles = if d == 128 { 4 } else { 5 };
+    tiles * tile_bytes(d) + ALIGN_SLACK
 }
 
 /// Warpgroup dK/dV: K, V, two (Q, dO) pairs, and two lse and two dsum rows (f32).
@@ -547,7 +549,8 @@ fn backward_launch(
             .arg(&scale_log2);
     })?;
     if dq_scratch.is_some() {
-        let n = t * h * d;
+        // 8 elements per thread (flash_bwd_post_bf16).
+        let n = t * h * d / 8;
         launch(
             be,
             "flash_bwd_post_bf16",
@@ -635,10 +638,10 @@ mod tests {
             assert!(shared_bytes_dq(d) <= 99 * 1024);
         }
         assert_eq!(shared_bytes_bwd(128, true), 79360);
-        // The warpgroup kernels (Hopper: 227 KB per SM): two blocks per SM of each at D = 128;
+        // The warpgroup kernels (Hopper: 227 KB per SM): at D = 128 three forward blocks per SM and two of each backward kernel;
         // at D = 64 four forward, three dK/dV and four dQ blocks.
         assert_eq!(shared_bytes_dkdv_wgmma(128), 6 * 16384 + 1024 + 1024);
-        for (d, fwd, dkdv, dq) in [(128, 2, 2, 2), (64, 4, 3, 4)] {
+        for (d, fwd, dkdv, dq) in [(128, 3, 2, 2), (64, 4, 3, 4)] {
             assert!(fwd * shared_bytes_fwd_wgmma(d) <= 227 * 1024, "{d}");
             assert!(dkdv * shared_bytes_dkdv_wgmma(d) <= 227 * 1024, "{d}");
             assert!(dq * shared_bytes_dq_wgmma(d) <= 227 * 1024, "{d}");

@@ -6,6 +6,7 @@ use common::*;
 use packtrain::config::Config;
 use packtrain::dist::SingleProcess;
 use packtrain::model::weights::load_safetensors;
+use packtrain::model::ParamLayout;
 use packtrain::train::{self, checkpoint, TrainOptions};
 
 fn opts(
@@ -176,7 +177,7 @@ fn grads_ready_reports_only_final_gradients() {
             Ok(())
         };
         model
-            .forward_backward_hooked(&be, &batch, 0.01, &mut hook)
+            .forward_backward_hooked(&be, &batch, 0.01, &mut |_| Ok(()), &mut hook)
             .unwrap();
         let last = model.grads_to_host(&be).unwrap();
         assert_eq!(seen.len(), cfg.n_layers + 1, "tied {tied}");
@@ -218,4 +219,47 @@ fn recompute_gives_the_same_gradients() {
     let (loss_b, grads_b) = run(true);
     assert_eq!(loss_a.to_bits(), loss_b.to_bits());
     assert_eq!(grads_a, grads_b);
+}
+
+/// The weights hook of a data-parallel step: it sees every forward stage once, in order
+/// (ZeRO-1 waits there for the weights other ranks are still sending), the stages are the ones
+/// `ParamLayout::forward_stages` assigns, and the hook changes nothing: bitwise the loss and
+/// gradients of the plain call.
+#[test]
+fn weights_ready_sees_every_forward_stage_in_order() {
+    use packtrain::backend::BackendError;
+    use packtrain::data::TokenStore;
+    let cfg = small_model();
+    let lengths = [7, 12, 5];
+    let docs = random_docs(&lengths, cfg.vocab_size, 4);
+    let store = TokenStore::from_documents(&docs);
+    let cap: usize = lengths.iter().sum();
+    let (be, mut plain) = cpu_model(&cfg, 3, cap);
+    let (_, batch) = device_batch(&be, &store, &[0, 1, 2], cap);
+    plain.zero_grads(&be).unwrap();
+    let want = plain.forward_backward(&be, &batch, 0.5).unwrap();
+
+    let (_, mut hooked) = cpu_model(&cfg, 3, cap);
+    hooked.zero_grads(&be).unwrap();
+    let mut stages = Vec::new();
+    let got = hooked
+        .forward_backward_hooked(
+            &be,
+            &batch,
+            0.5,
+            &mut |s| {
+                stages.push(s);
+                Ok::<(), BackendError>(())
+            },
+            &mut |_, _| Ok(()),
+        )
+        .unwrap();
+    assert_eq!(got.to_bits(), want.to_bits());
+    assert_eq!(stages, (0..=cfg.n_layers + 1).collect::<Vec<_>>());
+    let assigned = ParamLayout::new(&cfg).forward_stages();
+    assert_eq!(assigned.iter().max(), stages.last());
+    assert_eq!(
+        hooked.grads_to_host(&be).unwrap(),
+        plain.grads_to_host(&be).unwrap()
+    );
 }

@@ -301,13 +301,61 @@ impl NcclComm {
         ops: &mut [(&mut CudaSlice<f32>, usize, Collective)],
         what: &str,
     ) -> Result<(), DistError> {
+        let raw: Vec<(DeviceBuf, usize, Collective)> = ops
+            .iter_mut()
+            .map(|(buf, n, op)| {
+                use cudarc::driver::DevicePtrMut;
+                let len = buf.len();
+                let (ptr, _guard) = buf.device_ptr_mut(&self.comm_stream);
+                let b = DeviceBuf {
+                    ptr,
+                    len,
+                    elem: Elem::F32,
+                };
+                (b, *n, *op)
+            })
+            .collect();
+        // SAFETY: the slices are borrowed for this call and, as this function's contract says,
+        // not touched again until the compute stream has waited for the collectives.
+        unsafe { self.group_start_raw(&raw, what) }
+    }
+
+    /// [`NcclComm::group_start`] over buffers given by address and element type.
+    ///
+    /// # Safety
+    /// Each `DeviceBuf` must address `len` elements of its type on this communicator's GPU,
+    /// and stay allocated and untouched by other work until the compute stream has waited for
+    /// these collectives ([`NcclComm::wait_for_collectives`], or an event of
+    /// [`NcclComm::record_done`] recorded after them).
+    pub unsafe fn group_start_raw(
+        &self,
+        ops: &[(DeviceBuf, usize, Collective)],
+        what: &str,
+    ) -> Result<(), DistError> {
         let comm = self.comm()?;
         self.poll()?;
         self.arm(what);
         self.comm_stream
             .join(&self.stream)
             .map_err(|e| self.err(format!("ordering {what} after the compute stream: {e:?}")))?;
-        self.group(comm, ops)
+        // SAFETY: the caller's contract.
+        unsafe { self.group(comm, ops) }
+    }
+
+    /// An event completing when every collective queued so far has.
+    pub fn record_done(&self) -> Result<cudarc::driver::CudaEvent, DistError> {
+        self.comm_stream
+            .record_event(None)
+            .map_err(|e| self.err(format!("recording an event after the collectives: {e:?}")))
+    }
+
+    /// The compute stream's later work waits for `event` (of [`NcclComm::record_done`]).
+    pub fn compute_waits(&self, event: &cudarc::driver::CudaEvent) -> Result<(), DistError> {
+        self.stream.wait(event).map_err(|e| {
+            self.err(format!(
+                "ordering the compute stream after a collective: {e:?}"
+            ))
+        })
     }
 
     /// The compute stream's later work waits for every collective queued so far.
@@ -319,10 +367,12 @@ impl NcclComm {
         })
     }
 
-    fn group(
+    /// # Safety
+    /// [`NcclComm::group_start_raw`]'s contract.
+    unsafe fn group(
         &self,
         comm: sys::ncclComm_t,
-        bufs: &mut [(&mut CudaSlice<f32>, usize, Collective)],
+        bufs: &[(DeviceBuf, usize, Collective)],
     ) -> Result<(), DistError> {
         let stream = self.comm_stream.cu_stream() as sys::cudaStream_t;
         let check = |what: &str, code: sys::ncclResult_t| -> Result<(), DistError> {
@@ -331,21 +381,21 @@ impl NcclComm {
                 c => Err(self.err(format!("{what}: {}", describe(c, comm)))),
             }
         };
-        // SAFETY: each pointer addresses at least `n` f32 on this communicator's GPU (checked
-        // below), the buffers outlive the call (the stream is synchronised before they are
-        // freed or reused), and the stream belongs to the context NCCL was initialised on.
+        // SAFETY: each pointer addresses at least `n` elements on this communicator's GPU
+        // (checked against `len` below; the rest is the caller's contract), and the stream
+        // belongs to the context NCCL was initialised on.
         unsafe {
             check("ncclGroupStart", sys::ncclGroupStart())?;
             let mut first = None;
-            for (buf, n, op) in bufs.iter_mut() {
-                if *n == 0 {
+            for &(buf, n, op) in bufs {
+                if n == 0 {
                     continue;
                 }
-                if buf.len() < *n {
+                if buf.len < n {
                     first.get_or_insert_with(|| {
                         self.err(format!(
                             "{op:?} of {n} elements from a buffer of {}",
-                            buf.len()
+                            buf.len
                         ))
                     });
                     continue;
@@ -354,21 +404,15 @@ impl NcclComm {
                     first.get_or_insert_with(|| self.err(m));
                     continue;
                 }
-                let p = {
-                    use cudarc::driver::DevicePtrMut;
-                    let (p, _guard) = buf.device_ptr_mut(&self.comm_stream);
-                    p as *mut std::ffi::c_void
-                };
-                let (f32_, sum) = (sys::ncclDataType_t::ncclFloat32, sys::ncclRedOp_t::ncclSum);
-                let code = match *op {
-                    Collective::AllReduceSum => {
-                        sys::ncclAllReduce(p, p, *n, f32_, sum, comm, stream)
-                    }
+                let p = buf.ptr as *mut std::ffi::c_void;
+                let (ty, sum) = (buf.elem.nccl(), sys::ncclRedOp_t::ncclSum);
+                let code = match op {
+                    Collective::AllReduceSum => sys::ncclAllReduce(p, p, n, ty, sum, comm, stream),
                     Collective::ReduceSum { root } => {
-                        sys::ncclReduce(p, p, *n, f32_, sum, root as i32, comm, stream)
+                        sys::ncclReduce(p, p, n, ty, sum, root as i32, comm, stream)
                     }
                     Collective::Broadcast { root } => {
-                        sys::ncclBroadcast(p, p, *n, f32_, root as i32, comm, stream)
+                        sys::ncclBroadcast(p, p, n, ty, root as i32, comm, stream)
                     }
                 };
                 if code != sys::ncclResult_t::ncclSuccess && first.is_none() {
@@ -418,6 +462,31 @@ impl Drop for NcclComm {
         // Abort rather than destroy: it never waits for peers, and frees the same resources.
         self.abort();
     }
+}
+
+/// Element types of the buffers NCCL moves here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Elem {
+    F32,
+    Bf16,
+}
+
+impl Elem {
+    fn nccl(self) -> sys::ncclDataType_t {
+        match self {
+            Elem::F32 => sys::ncclDataType_t::ncclFloat32,
+            Elem::Bf16 => sys::ncclDataType_t::ncclBfloat16,
+        }
+    }
+}
+
+/// A device buffer of a group by address ([`NcclComm::group_start_raw`]): `len` elements of
+/// `elem` at `ptr`, on this communicator's GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceBuf {
+    pub ptr: cudarc::driver::sys::CUdeviceptr,
+    pub len: usize,
+    pub elem: Elem,
 }
 
 /// One in-place collective of an NCCL group ([`NcclComm::group_start`]).

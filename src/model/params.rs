@@ -92,6 +92,25 @@ impl ParamLayout {
         ix
     }
 
+    /// Per tensor (layout order), the forward stage that first reads it: 0 the embedding,
+    /// 1 + l layer l, `layers.len() + 1` the head (final norm, untied lm_head). A tied lm_head
+    /// is the embedding (stage 0). The stages of [`crate::model::Llama`]'s weights hook, for
+    /// weights that arrive while the forward runs (ZeRO-1's gather).
+    pub fn forward_stages(&self) -> Vec<usize> {
+        let head = self.layers.len() + 1;
+        let mut stage = vec![head; self.specs.len()];
+        for (l, p) in self.layers.iter().enumerate() {
+            for i in [p.ln1, p.wqkv, p.wo, p.ln2, p.wgate_up, p.wdown]
+                .into_iter()
+                .chain(p.bqkv)
+            {
+                stage[i] = l + 1;
+            }
+        }
+        stage[self.embed] = 0;
+        stage
+    }
+
     pub fn new(cfg: &ModelConfig) -> Self {
         let (v, c, f) = (cfg.vocab_size, cfg.d_model, cfg.ffn_dim);
         let d = cfg.head_dim();
@@ -229,6 +248,31 @@ mod tests {
             ..cfg
         });
         assert_eq!(untied.specs.len(), layout.specs.len() + 1);
+    }
+
+    #[test]
+    fn forward_stages_follow_the_forward() {
+        for tie in [true, false] {
+            let cfg = ModelConfig {
+                tie_embeddings: tie,
+                qkv_bias: true,
+                ..ModelConfig::default()
+            };
+            let layout = ParamLayout::new(&cfg);
+            let stages = layout.forward_stages();
+            let head = cfg.n_layers + 1;
+            assert_eq!(stages.len(), layout.specs.len());
+            assert_eq!(stages[layout.embed], 0);
+            assert_eq!(stages[layout.ln_f], head);
+            assert_eq!(stages[layout.lm_head], if tie { 0 } else { head });
+            for (l, p) in layout.layers.iter().enumerate() {
+                let mut ix = vec![p.ln1, p.wqkv, p.wo, p.ln2, p.wgate_up, p.wdown];
+                ix.extend(p.bqkv);
+                assert!(ix.iter().all(|&i| stages[i] == l + 1), "layer {l}");
+            }
+            // Layout order is forward order: the stages never go back.
+            assert!(stages.windows(2).all(|w| w[0] <= w[1]), "{stages:?}");
+        }
     }
 
     #[test]

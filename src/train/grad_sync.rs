@@ -92,6 +92,31 @@ pub trait GradSync<B: Backend> {
     ) -> Result<(), TrainError> {
         all_gather_params(be, comm, layout, params, shards)
     }
+    /// ZeRO-1, after the update: make every rank's weights equal again for the next forward.
+    /// Returns whether the f32 masters of every tensor are current afterwards; `false` when
+    /// only what the forward reads was sent (the working copies of the GEMM matrices, whose
+    /// masters stay stale on the ranks that do not own them until [`GradSync::gather_params`]),
+    /// and it may still be in flight until [`GradSync::weights_ready`]. The default is
+    /// `gather_params` (the masters, waited for).
+    fn gather_weights(
+        &self,
+        be: &B,
+        comm: &dyn Comm,
+        layout: &ParamLayout,
+        params: &mut [B::Buf],
+        _working: &mut [Option<B::Buf>],
+        shards: &[Range<usize>],
+    ) -> Result<bool, TrainError> {
+        self.gather_params(be, comm, layout, params, shards)?;
+        Ok(true)
+    }
+    /// The forward is about to read the weights of forward stage `stage`
+    /// ([`ParamLayout::forward_stages`]; `usize::MAX`: all of them): the compute stream must
+    /// wait for whatever of them `gather_weights` left in flight. The default has nothing to
+    /// wait for.
+    fn weights_ready(&self, _be: &B, _stage: usize) -> Result<(), TrainError> {
+        Ok(())
+    }
     /// The step's device work has finished (the backend was synchronised).
     fn step_done(&self) {}
     /// The loop is leaving on an error: stop any collective in flight (never waits for peers).
@@ -169,7 +194,10 @@ pub(super) fn buckets(numels: &[usize], bucket_floats: usize) -> Vec<Range<usize
 /// compute stream waits for them only in `all_reduce` (or `reduce_to_owners`), before the norm
 /// and the optimizer. Under ZeRO-1 (`dist.zero1`) each tensor is reduced into its owner only
 /// (`ncclReduce`, half an all-reduce's traffic), and after the update every owner broadcasts
-/// its tensors (`ncclBroadcast`, one group). The watchdog of
+/// what the next forward reads of its tensors (`gather_weights`: the bf16 working copy of a
+/// GEMM matrix, else the f32 master), one NCCL group per forward stage, each followed by an
+/// event the forward waits for just before that stage (`weights_ready`): the broadcast of
+/// layer l + 1 overlaps the forward of layer l. The watchdog of
 /// [`crate::dist::nccl::NcclComm`] times them.
 pub struct NcclGradSync {
     nccl: crate::dist::nccl::NcclComm,
@@ -181,6 +209,22 @@ pub struct NcclGradSync {
     /// Element counts of the layout's tensors and their buckets, computed on the first call
     /// (the layout of a run never changes; `grads_ready` runs once per layer per step).
     plan: std::cell::OnceCell<(Vec<usize>, Vec<Range<usize>>)>,
+    /// ZeRO-1: the weight broadcasts in flight, (forward stage, event after its group), in
+    /// stage order.
+    pending: std::cell::RefCell<std::collections::VecDeque<(usize, cudarc::driver::CudaEvent)>>,
+}
+
+/// A CUDA buffer as NCCL addresses it.
+fn nccl_buf(be: &CudaBackend, b: &crate::backend::cuda::CudaBuf) -> crate::dist::nccl::DeviceBuf {
+    use crate::backend::cuda::DType;
+    crate::dist::nccl::DeviceBuf {
+        ptr: be.raw(b),
+        len: b.len(),
+        elem: match b.dtype() {
+            DType::F32 => crate::dist::nccl::Elem::F32,
+            DType::Bf16 => crate::dist::nccl::Elem::Bf16,
+        },
+    }
 }
 
 impl NcclGradSync {
@@ -215,6 +259,7 @@ impl NcclGradSync {
             owners,
             started: std::cell::Cell::new(0),
             plan: std::cell::OnceCell::new(),
+            pending: Default::default(),
         })
     }
 
@@ -310,8 +355,65 @@ impl GradSync<CudaBackend> for NcclGradSync {
         self.nccl.group_start(&mut ops, "the weight broadcast")?;
         Ok(self.nccl.wait_for_collectives()?)
     }
+    fn gather_weights(
+        &self,
+        be: &CudaBackend,
+        _comm: &dyn Comm,
+        layout: &ParamLayout,
+        params: &mut [crate::backend::cuda::CudaBuf],
+        working: &mut [Option<crate::backend::cuda::CudaBuf>],
+        shards: &[Range<usize>],
+    ) -> Result<bool, TrainError> {
+        let stages = layout.forward_stages();
+        let n_stages = stages.iter().max().map_or(0, |&s| s + 1);
+        let mut masters_current = true;
+        let mut pending = self.pending.borrow_mut();
+        for stage in 0..n_stages {
+            let mut ops = Vec::new();
+            for i in (0..params.len()).filter(|&i| stages[i] == stage) {
+                // A tensor in no shard (none: the shards cover the layout) stays as it is.
+                let Some(root) = shards.iter().position(|r| r.contains(&i)) else {
+                    continue;
+                };
+                // The same answer on every rank (gather_params, which it decides on, is a
+                // collective): stale somewhere once any working copy travels instead.
+                let buf = match working.get(i).and_then(Option::as_ref) {
+                    Some(w) => {
+                        masters_current = false;
+                        w
+                    }
+                    None => &params[i],
+                };
+                let n = layout.specs[i].numel();
+                ops.push((nccl_buf(be, buf), n, Collective::Broadcast { root }));
+            }
+            if ops.is_empty() {
+                continue;
+            }
+            // SAFETY: the model's parameters and working copies live for the whole run; the
+            // forward reads each only after waiting for its stage's event (`weights_ready`),
+            // and the optimizer writes them again only after that forward.
+            unsafe { self.nccl.group_start_raw(&ops, "the weight broadcast")? };
+            pending.push_back((stage, self.nccl.record_done()?));
+        }
+        Ok(masters_current)
+    }
+    fn weights_ready(&self, _be: &CudaBackend, stage: usize) -> Result<(), TrainError> {
+        let mut pending = self.pending.borrow_mut();
+        while pending.front().is_some_and(|&(s, _)| s <= stage) {
+            if let Some((_, event)) = pending.pop_front() {
+                self.nccl.compute_waits(&event)?;
+            }
+        }
+        Ok(())
+    }
     fn step_done(&self) {
         self.nccl.disarm();
+        // The weight broadcasts this step queued (ZeRO-1) are still in flight: time them from
+        // now until a later synchronize (the next forward waits for them).
+        if !self.pending.borrow().is_empty() {
+            self.nccl.arm("the weight broadcast");
+        }
     }
     fn abort(&self) {
         self.nccl.abort();

@@ -273,6 +273,9 @@ pub fn run_with<B: Backend>(
     // `PACKTRAIN_OVERLAP=0` starts every gradient bucket after the whole backward (to measure
     // what the overlap buys).
     let overlap_allowed = std::env::var("PACKTRAIN_OVERLAP").as_deref() != Ok("0");
+    // Whether every rank's f32 masters are current (ZeRO-1 on NCCL gathers only the working
+    // copies each step; checkpoints need the masters).
+    let mut masters_current = true;
     while (state.step as usize) < total_steps && opts.stop_after.is_none_or(|n| steps_here < n) {
         let Some((epoch, s)) = locate(&plans, state.step as usize) else {
             break;
@@ -302,12 +305,25 @@ pub fn run_with<B: Backend>(
             // The last micro-step of a data-parallel step hands each layer's finished
             // gradients to the sync as the backward goes, so the all-reduce overlaps it.
             let overlap = overlap_allowed && world > 1 && g + 1 == g_micro;
+            // Under ZeRO-1 on NCCL the previous step's weights may still be arriving: each
+            // forward stage waits for its own.
+            let mut weights = |stage| sync.weights_ready(be, stage);
             loss_sum += if overlap {
-                model.forward_backward_hooked(be, &batch, loss_scale, &mut |grads, from| {
-                    sync.grads_ready(be, &layout, grads, from)
-                })?
+                model.forward_backward_hooked(
+                    be,
+                    &batch,
+                    loss_scale,
+                    &mut weights,
+                    &mut |g, from| sync.grads_ready(be, &layout, g, from),
+                )?
             } else {
-                model.forward_backward(be, &batch, loss_scale)?
+                model.forward_backward_hooked(
+                    be,
+                    &batch,
+                    loss_scale,
+                    &mut weights,
+                    &mut |_, _| Ok(()),
+                )?
             };
         }
 
@@ -384,7 +400,8 @@ pub fn run_with<B: Backend>(
             clip_scale as f32,
         )?;
         if let Some(sh) = &shards {
-            sync.gather_params(be, comm, &layout, model.params_mut(), sh)?;
+            let (params, working, _) = model.update_view();
+            masters_current = sync.gather_weights(be, comm, &layout, params, working, sh)?;
         }
         be.synchronize()?;
         sync.step_done();
@@ -447,6 +464,15 @@ pub fn run_with<B: Backend>(
         let every = cfg.train.checkpoint_every as u64;
         if every > 0 && state.step % every == 0 && (state.step as usize) < total_steps {
             // Under ZeRO-1 every rank sends its moments to rank 0, which writes.
+            gather_masters(
+                be,
+                comm,
+                &layout,
+                &mut model,
+                sync,
+                shards.as_deref(),
+                &mut masters_current,
+            )?;
             if let Some(moments) = moments_on_root(be, comm, &layout, &opt, shards.as_deref())? {
                 save_checkpoint(be, &opts.run_dir, cfg, &model, &moments, &state)?;
             }
@@ -457,6 +483,15 @@ pub fn run_with<B: Backend>(
     drop(abort_guard);
 
     // ------------------------------------------------------------ the end of the run
+    gather_masters(
+        be,
+        comm,
+        &layout,
+        &mut model,
+        sync,
+        shards.as_deref(),
+        &mut masters_current,
+    )?;
     let final_moments = match steps_here {
         0 => None,
         _ => moments_on_root(be, comm, &layout, &opt, shards.as_deref())?,
@@ -507,6 +542,34 @@ pub fn run_with<B: Backend>(
             f64::NAN
         },
     })
+}
+
+/// ZeRO-1: make every rank's f32 masters current when the step's gather sent only working
+/// copies (`GradSync::gather_weights`), before anything reads them (checkpoint, final weights).
+/// A collective: every rank calls it at the same points, with the same `current`.
+fn gather_masters<B: Backend>(
+    be: &B,
+    comm: &dyn Comm,
+    layout: &ParamLayout,
+    model: &mut Llama<B>,
+    sync: &dyn GradSync<B>,
+    shards: Option<&[std::ops::Range<usize>]>,
+    current: &mut bool,
+) -> Result<(), TrainError> {
+    let Some(sh) = shards else {
+        return Ok(());
+    };
+    if *current {
+        return Ok(());
+    }
+    sync.weights_ready(be, usize::MAX)?;
+    // The working copies already hold the owners' rounding of these masters: not stale.
+    let (params, _, _) = model.update_view();
+    sync.gather_params(be, comm, layout, params, sh)?;
+    be.synchronize()?;
+    sync.step_done();
+    *current = true;
+    Ok(())
 }
 
 fn save_checkpoint<B: Backend>(

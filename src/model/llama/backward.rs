@@ -7,7 +7,7 @@
 //! Every other gradient scratch (ds, dgate_up, dn, datt, dqkv) is overwritten by the op that
 //! produces it, so none is zeroed first.
 
-use super::{gemm_weight, DeviceBatch, GradsReady, Llama};
+use super::{gemm_weight, DeviceBatch, GradsReady, Llama, WeightsReady};
 use crate::backend::{Backend, BackendError, GradWrite};
 
 impl<B: Backend> Llama<B> {
@@ -20,24 +20,27 @@ impl<B: Backend> Llama<B> {
         batch: &DeviceBatch<B>,
         loss_scale: f32,
     ) -> Result<f64, BackendError> {
-        self.forward_backward_hooked(be, batch, loss_scale, &mut |_, _| Ok(()))
+        self.forward_backward_hooked(be, batch, loss_scale, &mut |_| Ok(()), &mut |_, _| Ok(()))
     }
 
-    /// [`Llama::forward_backward`], calling `grads_ready(grads, from)` each time the gradients
-    /// of the tensors `from..` (layout order) are final for this micro-batch: after the
-    /// classifier and final norm, then after each layer's backward (the embedding's comes
-    /// last, with the return). A data-parallel run starts summing them across ranks there,
-    /// overlapping the rest of the backward.
+    /// [`Llama::forward_backward`], calling `weights_ready(stage)` before the forward first
+    /// reads each stage's weights ([`crate::model::ParamLayout::forward_stages`]; a ZeRO-1 run
+    /// waits there for the weights other ranks are still sending), and
+    /// `grads_ready(grads, from)` each time the gradients of the tensors `from..` (layout
+    /// order) are final for this micro-batch: after the classifier and final norm, then after
+    /// each layer's backward (the embedding's comes last, with the return). A data-parallel
+    /// run starts summing them across ranks there, overlapping the rest of the backward.
     pub fn forward_backward_hooked<E: From<BackendError>>(
         &mut self,
         be: &B,
         batch: &DeviceBatch<B>,
         loss_scale: f32,
+        weights_ready: &mut WeightsReady<'_, E>,
         grads_ready: &mut GradsReady<'_, B, E>,
     ) -> Result<f64, E> {
         // The loss is read back only after the backward is queued, so a device backend runs
         // the whole micro-step without waiting for the host.
-        self.forward_inner(be, batch, Some(loss_scale))?;
+        self.forward_inner(be, batch, Some(loss_scale), weights_ready)?;
         let write = self.grad_write();
         let m = self.dims;
         let t = batch.t;

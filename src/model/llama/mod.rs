@@ -171,6 +171,11 @@ pub struct Llama<B: Backend> {
 /// tensors `from..` are final.
 pub type GradsReady<'a, B, E> = dyn FnMut(&mut [<B as Backend>::Buf], usize) -> Result<(), E> + 'a;
 
+/// The weights hook of [`Llama::forward_backward_hooked`]: called with stage `s` (see
+/// [`ParamLayout::forward_stages`]) before the forward first reads that stage's weights, so
+/// weights still arriving from other ranks can be waited for there.
+pub type WeightsReady<'a, E> = dyn FnMut(usize) -> Result<(), E> + 'a;
+
 /// [`Llama::update_view`]: master weights, working copies, gradients.
 pub type UpdateView<'a, B> = (
     &'a mut [<B as Backend>::Buf],
@@ -457,20 +462,22 @@ impl<B: Backend> Llama<B> {
     /// Forward through every layer and the loss. Per-token losses are kept (see
     /// [`Llama::token_losses`]); returns their sum (unscaled).
     pub fn forward(&mut self, be: &B, batch: &DeviceBatch<B>) -> Result<f64, BackendError> {
-        self.forward_inner(be, batch, None)?;
+        self.forward_inner(be, batch, None, &mut |_| Ok::<(), BackendError>(()))?;
         self.loss_sum(be, batch.t)
     }
 
-    fn forward_inner(
+    fn forward_inner<E: From<BackendError>>(
         &mut self,
         be: &B,
         batch: &DeviceBatch<B>,
         loss_scale: Option<f32>,
-    ) -> Result<(), BackendError> {
+        weights_ready: &mut WeightsReady<'_, E>,
+    ) -> Result<(), E> {
         self.check_capacity(batch)?;
         self.refresh_working(be)?;
         let m = self.dims;
         let t = batch.t;
+        weights_ready(0)?;
         be.embedding_forward(
             &mut self.residual[0],
             &batch.tokens,
@@ -480,9 +487,11 @@ impl<B: Backend> Llama<B> {
         )?;
         for l in 0..self.layout.layers.len() {
             let slot = if self.recompute { 0 } else { l };
+            weights_ready(l + 1)?;
             self.layer_forward(be, l, slot, batch)?;
         }
         let last = self.layout.layers.len();
+        weights_ready(last + 1)?;
         be.rmsnorm_forward(
             &mut self.nf,
             &mut self.rstd_f,

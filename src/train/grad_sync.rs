@@ -93,11 +93,10 @@ pub trait GradSync<B: Backend> {
         all_gather_params(be, comm, layout, params, shards)
     }
     /// ZeRO-1, after the update: make every rank's weights equal again for the next forward.
-    /// Returns whether the f32 masters of every tensor are current afterwards; `false` when
-    /// only what the forward reads was sent (the working copies of the GEMM matrices, whose
-    /// masters stay stale on the ranks that do not own them until [`GradSync::gather_params`]),
-    /// and it may still be in flight until [`GradSync::weights_ready`]. The default is
-    /// `gather_params` (the masters, waited for).
+    /// A sync may send only what the forward reads (the working copies of the GEMM matrices,
+    /// whose f32 masters then stay stale on the ranks that do not own them until
+    /// [`GradSync::masters_current`]), and leave it in flight until
+    /// [`GradSync::weights_ready`]. The default is `gather_params` (the masters, waited for).
     fn gather_weights(
         &self,
         be: &B,
@@ -106,9 +105,21 @@ pub trait GradSync<B: Backend> {
         params: &mut [B::Buf],
         _working: &mut [Option<B::Buf>],
         shards: &[Range<usize>],
-    ) -> Result<bool, TrainError> {
-        self.gather_params(be, comm, layout, params, shards)?;
-        Ok(true)
+    ) -> Result<(), TrainError> {
+        self.gather_params(be, comm, layout, params, shards)
+    }
+    /// ZeRO-1: make every rank's f32 masters current (before a checkpoint or the final weights
+    /// read them), if `gather_weights` left them stale. A collective: every rank calls it at the
+    /// same points. The default's masters are always current.
+    fn masters_current(
+        &self,
+        _be: &B,
+        _comm: &dyn Comm,
+        _layout: &ParamLayout,
+        _params: &mut [B::Buf],
+        _shards: &[Range<usize>],
+    ) -> Result<(), TrainError> {
+        Ok(())
     }
     /// The forward is about to read the weights of forward stage `stage`
     /// ([`ParamLayout::forward_stages`]; `usize::MAX`: all of them): the compute stream must
@@ -212,6 +223,9 @@ pub struct NcclGradSync {
     /// ZeRO-1: the weight broadcasts in flight, (forward stage, event after its group), in
     /// stage order.
     pending: std::cell::RefCell<std::collections::VecDeque<(usize, cudarc::driver::CudaEvent)>>,
+    /// ZeRO-1: working copies travelled instead of masters since the masters were last gathered.
+    /// The same on every rank (the same calls set and clear it).
+    masters_stale: std::cell::Cell<bool>,
 }
 
 /// A CUDA buffer as NCCL addresses it.
@@ -260,6 +274,7 @@ impl NcclGradSync {
             started: std::cell::Cell::new(0),
             plan: std::cell::OnceCell::new(),
             pending: Default::default(),
+            masters_stale: std::cell::Cell::new(false),
         })
     }
 
@@ -363,10 +378,9 @@ impl GradSync<CudaBackend> for NcclGradSync {
         params: &mut [crate::backend::cuda::CudaBuf],
         working: &mut [Option<crate::backend::cuda::CudaBuf>],
         shards: &[Range<usize>],
-    ) -> Result<bool, TrainError> {
+    ) -> Result<(), TrainError> {
         let stages = layout.forward_stages();
         let n_stages = stages.iter().max().map_or(0, |&s| s + 1);
-        let mut masters_current = true;
         let mut pending = self.pending.borrow_mut();
         for stage in 0..n_stages {
             let mut ops = Vec::new();
@@ -375,11 +389,9 @@ impl GradSync<CudaBackend> for NcclGradSync {
                 let Some(root) = shards.iter().position(|r| r.contains(&i)) else {
                     continue;
                 };
-                // The same answer on every rank (gather_params, which it decides on, is a
-                // collective): stale somewhere once any working copy travels instead.
                 let buf = match working.get(i).and_then(Option::as_ref) {
                     Some(w) => {
-                        masters_current = false;
+                        self.masters_stale.set(true);
                         w
                     }
                     None => &params[i],
@@ -396,7 +408,25 @@ impl GradSync<CudaBackend> for NcclGradSync {
             unsafe { self.nccl.group_start_raw(&ops, "the weight broadcast")? };
             pending.push_back((stage, self.nccl.record_done()?));
         }
-        Ok(masters_current)
+        Ok(())
+    }
+    fn masters_current(
+        &self,
+        be: &CudaBackend,
+        comm: &dyn Comm,
+        layout: &ParamLayout,
+        params: &mut [crate::backend::cuda::CudaBuf],
+        shards: &[Range<usize>],
+    ) -> Result<(), TrainError> {
+        if !self.masters_stale.get() {
+            return Ok(());
+        }
+        self.weights_ready(be, usize::MAX)?;
+        self.gather_params(be, comm, layout, params, shards)?;
+        be.synchronize()?;
+        self.step_done();
+        self.masters_stale.set(false);
+        Ok(())
     }
     fn weights_ready(&self, _be: &CudaBackend, stage: usize) -> Result<(), TrainError> {
         let mut pending = self.pending.borrow_mut();

@@ -273,9 +273,6 @@ pub fn run_with<B: Backend>(
     // `PACKTRAIN_OVERLAP=0` starts every gradient bucket after the whole backward (to measure
     // what the overlap buys).
     let overlap_allowed = std::env::var("PACKTRAIN_OVERLAP").as_deref() != Ok("0");
-    // Whether every rank's f32 masters are current (ZeRO-1 on NCCL gathers only the working
-    // copies each step; checkpoints need the masters).
-    let mut masters_current = true;
     while (state.step as usize) < total_steps && opts.stop_after.is_none_or(|n| steps_here < n) {
         let Some((epoch, s)) = locate(&plans, state.step as usize) else {
             break;
@@ -401,7 +398,7 @@ pub fn run_with<B: Backend>(
         )?;
         if let Some(sh) = &shards {
             let (params, working, _) = model.update_view();
-            masters_current = sync.gather_weights(be, comm, &layout, params, working, sh)?;
+            sync.gather_weights(be, comm, &layout, params, working, sh)?;
         }
         be.synchronize()?;
         sync.step_done();
@@ -463,16 +460,12 @@ pub fn run_with<B: Backend>(
         }
         let every = cfg.train.checkpoint_every as u64;
         if every > 0 && state.step % every == 0 && (state.step as usize) < total_steps {
-            // Under ZeRO-1 every rank sends its moments to rank 0, which writes.
-            gather_masters(
-                be,
-                comm,
-                &layout,
-                &mut model,
-                sync,
-                shards.as_deref(),
-                &mut masters_current,
-            )?;
+            // Under ZeRO-1 every rank makes the f32 masters current (the working copies
+            // already hold the owners' rounding of them: update_view leaves them as they are)
+            // and sends its moments to rank 0, which writes.
+            if let Some(sh) = &shards {
+                sync.masters_current(be, comm, &layout, model.update_view().0, sh)?;
+            }
             if let Some(moments) = moments_on_root(be, comm, &layout, &opt, shards.as_deref())? {
                 save_checkpoint(be, &opts.run_dir, cfg, &model, &moments, &state)?;
             }
@@ -483,15 +476,9 @@ pub fn run_with<B: Backend>(
     drop(abort_guard);
 
     // ------------------------------------------------------------ the end of the run
-    gather_masters(
-        be,
-        comm,
-        &layout,
-        &mut model,
-        sync,
-        shards.as_deref(),
-        &mut masters_current,
-    )?;
+    if let Some(sh) = &shards {
+        sync.masters_current(be, comm, &layout, model.update_view().0, sh)?;
+    }
     let final_moments = match steps_here {
         0 => None,
         _ => moments_on_root(be, comm, &layout, &opt, shards.as_deref())?,
@@ -542,34 +529,6 @@ pub fn run_with<B: Backend>(
             f64::NAN
         },
     })
-}
-
-/// ZeRO-1: make every rank's f32 masters current when the step's gather sent only working
-/// copies (`GradSync::gather_weights`), before anything reads them (checkpoint, final weights).
-/// A collective: every rank calls it at the same points, with the same `current`.
-fn gather_masters<B: Backend>(
-    be: &B,
-    comm: &dyn Comm,
-    layout: &ParamLayout,
-    model: &mut Llama<B>,
-    sync: &dyn GradSync<B>,
-    shards: Option<&[std::ops::Range<usize>]>,
-    current: &mut bool,
-) -> Result<(), TrainError> {
-    let Some(sh) = shards else {
-        return Ok(());
-    };
-    if *current {
-        return Ok(());
-    }
-    sync.weights_ready(be, usize::MAX)?;
-    // The working copies already hold the owners' rounding of these masters: not stale.
-    let (params, _, _) = model.update_view();
-    sync.gather_params(be, comm, layout, params, sh)?;
-    be.synchronize()?;
-    sync.step_done();
-    *current = true;
-    Ok(())
 }
 
 fn save_checkpoint<B: Backend>(

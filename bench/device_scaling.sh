@@ -140,7 +140,9 @@ for n in $GPUS; do
     fi
   fi
   if part zero && ((n > 1)); then
-    ours "${n}gpu-zero1" "$n" 150 "$ROOT/launch/local.sh" "$n" "$ZCONFIG"
+    # Longer than the others: the final checkpoint gathers the AdamW moments on rank 0 through
+    # the host rendezvous (~40 s for TinyLlama on 2 H100s, 2026-11-26).
+    ours "${n}gpu-zero1" "$n" 210 "$ROOT/launch/local.sh" "$n" "$ZCONFIG"
   fi
 done
 
@@ -238,6 +240,9 @@ for n in gpus:
     o, d = ours("1gpu" if n == 1 else f"{n}gpu"), ddp(n)
     if ok(o) and ok(d):
         print(f"{n} GPU: packtrain / DDP = {o['tokens_per_s'] / d['tokens_per_s']:.2f}x")
+    z = ours(f"{n}gpu-zero1")
+    if n > 1 and ok(z) and ok(d):
+        print(f"{n} GPU: packtrain ZeRO-1 / DDP = {z['tokens_per_s'] / d['tokens_per_s']:.2f}x")
 for r in rows:
     if r.get("impl") == "packtrain" and ok(r):
         print(f"{r['run']}: {r['steps']} steps, {r['tokens_per_step']:.0f} tokens/step, loss "

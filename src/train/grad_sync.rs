@@ -96,21 +96,30 @@ pub trait GradSync<B: Backend> {
     /// A sync may send only what the forward reads (the working copies of the GEMM matrices,
     /// whose f32 masters then stay stale on the ranks that do not own them until
     /// [`GradSync::masters_current`]), and leave it in flight until
-    /// [`GradSync::weights_ready`]. The default is `gather_params` (the masters, waited for).
+    /// [`GradSync::weights_ready`]. The default is `gather_params` (the masters, waited for),
+    /// then every working copy rounded again from its master (which matters on a CUDA run
+    /// with `PACKTRAIN_GRAD_SYNC=host`, for the tensors other ranks updated; for its own, the
+    /// rounding gives the bits AdamW wrote).
     fn gather_weights(
         &self,
         be: &B,
         comm: &dyn Comm,
         layout: &ParamLayout,
         params: &mut [B::Buf],
-        _working: &mut [Option<B::Buf>],
+        working: &mut [Option<B::Buf>],
         shards: &[Range<usize>],
     ) -> Result<(), TrainError> {
-        self.gather_params(be, comm, layout, params, shards)
+        self.gather_params(be, comm, layout, params, shards)?;
+        for ((w, p), spec) in working.iter_mut().zip(params.iter()).zip(&layout.specs) {
+            if let Some(w) = w {
+                be.copy(w, p, spec.numel())?;
+            }
+        }
+        Ok(())
     }
-    /// ZeRO-1: make every rank's f32 masters current (before a checkpoint or the final weights
-    /// read them), if `gather_weights` left them stale. A collective: every rank calls it at the
-    /// same points. The default's masters are always current.
+    /// ZeRO-1: make every rank's f32 masters current and nothing of `gather_weights` still in
+    /// flight (before a checkpoint or the final weights read them). A collective: every rank
+    /// calls it at the same points. The default's masters are always current.
     fn masters_current(
         &self,
         _be: &B,
@@ -128,7 +137,8 @@ pub trait GradSync<B: Backend> {
     fn weights_ready(&self, _be: &B, _stage: usize) -> Result<(), TrainError> {
         Ok(())
     }
-    /// The step's device work has finished (the backend was synchronised).
+    /// The step's compute stream has finished (the backend was synchronised); a ZeRO-1
+    /// weight gather may still be in flight.
     fn step_done(&self) {}
     /// The loop is leaving on an error: stop any collective in flight (never waits for peers).
     fn abort(&self) {}
@@ -389,22 +399,28 @@ impl GradSync<CudaBackend> for NcclGradSync {
                 let Some(root) = shards.iter().position(|r| r.contains(&i)) else {
                     continue;
                 };
-                let buf = match working.get(i).and_then(Option::as_ref) {
-                    Some(w) => {
-                        self.masters_stale.set(true);
-                        w
-                    }
-                    None => &params[i],
-                };
+                // The forward reads the GEMM matrices' working copies, and the f32 masters of
+                // everything else: the embedding (also when it is the tied lm_head, which then
+                // travels both ways), the norms and biases.
                 let n = layout.specs[i].numel();
-                ops.push((nccl_buf(be, buf), n, Collective::Broadcast { root }));
+                let op = Collective::Broadcast { root };
+                let w = working.get(i).and_then(Option::as_ref);
+                if let Some(w) = w {
+                    ops.push((nccl_buf(be, w), n, op));
+                }
+                if w.is_none() || i == layout.embed {
+                    ops.push((nccl_buf(be, &params[i]), n, op));
+                } else {
+                    self.masters_stale.set(true);
+                }
             }
             if ops.is_empty() {
                 continue;
             }
             // SAFETY: the model's parameters and working copies live for the whole run; the
-            // forward reads each only after waiting for its stage's event (`weights_ready`),
-            // and the optimizer writes them again only after that forward.
+            // compute stream waits for a stage's event before anything reads or writes its
+            // buffers again (the forward at that stage, `weights_ready`; a checkpoint or the end
+            // of the run, `masters_current`), and the optimizer writes them only after that.
             unsafe { self.nccl.group_start_raw(&ops, "the weight broadcast")? };
             pending.push_back((stage, self.nccl.record_done()?));
         }
@@ -418,11 +434,15 @@ impl GradSync<CudaBackend> for NcclGradSync {
         params: &mut [crate::backend::cuda::CudaBuf],
         shards: &[Range<usize>],
     ) -> Result<(), TrainError> {
-        if !self.masters_stale.get() {
+        let (pending, stale) = (!self.pending.borrow().is_empty(), self.masters_stale.get());
+        if !pending && !stale {
             return Ok(());
         }
+        // What the last gather left in flight lands before anything reads it.
         self.weights_ready(be, usize::MAX)?;
-        self.gather_params(be, comm, layout, params, shards)?;
+        if stale {
+            self.gather_params(be, comm, layout, params, shards)?;
+        }
         be.synchronize()?;
         self.step_done();
         self.masters_stale.set(false);
@@ -440,7 +460,8 @@ impl GradSync<CudaBackend> for NcclGradSync {
     fn step_done(&self) {
         self.nccl.disarm();
         // The weight broadcasts this step queued (ZeRO-1) are still in flight: time them from
-        // now until a later synchronize (the next forward waits for them).
+        // now until a later synchronize (the end of the next step, whose forward waits for
+        // them; so under ZeRO-1 one deadline covers a whole step, not only its collectives).
         if !self.pending.borrow().is_empty() {
             self.nccl.arm("the weight broadcast");
         }

@@ -472,13 +472,15 @@ pub fn run_with<B: Backend>(
         }
     }
     crate::cli::progress::finish();
+    // ZeRO-1: the last gather lands (and the masters with it) while an error still aborts the
+    // collectives in flight.
+    if let Some(sh) = &shards {
+        sync.masters_current(be, comm, &layout, model.update_view().0, sh)?;
+    }
     abort_guard.finished = true;
     drop(abort_guard);
 
     // ------------------------------------------------------------ the end of the run
-    if let Some(sh) = &shards {
-        sync.masters_current(be, comm, &layout, model.update_view().0, sh)?;
-    }
     let final_moments = match steps_here {
         0 => None,
         _ => moments_on_root(be, comm, &layout, &opt, shards.as_deref())?,

@@ -474,6 +474,10 @@ impl<B: Backend> Llama<B> {
         weights_ready: &mut WeightsReady<'_, E>,
     ) -> Result<(), E> {
         self.check_capacity(batch)?;
+        if self.working_stale && self.working.iter().any(Option::is_some) {
+            // The refresh reads every master: all of them must have arrived.
+            weights_ready(usize::MAX)?;
+        }
         self.refresh_working(be)?;
         let m = self.dims;
         let t = batch.t;

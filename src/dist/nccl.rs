@@ -391,16 +391,7 @@ impl NcclComm {
                 if n == 0 {
                     continue;
                 }
-                if buf.len < n {
-                    first.get_or_insert_with(|| {
-                        self.err(format!(
-                            "{op:?} of {n} elements from a buffer of {}",
-                            buf.len
-                        ))
-                    });
-                    continue;
-                }
-                if let Err(m) = op.root(self.world_size()) {
+                if let Err(m) = op.check(buf, n, self.world_size()) {
                     first.get_or_insert_with(|| self.err(m));
                     continue;
                 }
@@ -501,6 +492,18 @@ pub enum Collective {
 }
 
 impl Collective {
+    /// Why this collective of `n` elements in place on `buf` cannot run among `world` ranks: a
+    /// buffer shorter than `n`, or a root outside the world.
+    fn check(self, buf: DeviceBuf, n: usize, world: usize) -> Result<(), String> {
+        if buf.len < n {
+            return Err(format!(
+                "{self:?} of {n} elements from a buffer of {}",
+                buf.len
+            ));
+        }
+        self.root(world).map(|_| ())
+    }
+
     /// The root rank (0 for an all-reduce, which has none), or why it is not one of `world`.
     fn root(self, world: usize) -> Result<usize, String> {
         match self {
@@ -595,6 +598,24 @@ fn spawn_watchdog(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_buffer_shorter_than_its_collective_is_an_error() {
+        let buf = DeviceBuf {
+            ptr: 0,
+            len: 4,
+            elem: Elem::Bf16,
+        };
+        let op = Collective::Broadcast { root: 1 };
+        assert_eq!(op.check(buf, 4, 2), Ok(()));
+        let e = op.check(buf, 10, 2).unwrap_err();
+        assert!(e.contains("of 10 elements from a buffer of 4"), "{e}");
+        // Long enough, but the root is not a rank.
+        assert!(op
+            .check(buf, 4, 1)
+            .unwrap_err()
+            .contains("root 1 of 1 ranks"));
+    }
 
     #[test]
     fn a_root_outside_the_world_is_an_error() {

@@ -305,23 +305,12 @@ pub fn run_with<B: Backend>(
             // Under ZeRO-1 on NCCL the previous step's weights may still be arriving: each
             // forward stage waits for its own.
             let mut weights = |stage| sync.weights_ready(be, stage);
-            loss_sum += if overlap {
-                model.forward_backward_hooked(
-                    be,
-                    &batch,
-                    loss_scale,
-                    &mut weights,
-                    &mut |g, from| sync.grads_ready(be, &layout, g, from),
-                )?
-            } else {
-                model.forward_backward_hooked(
-                    be,
-                    &batch,
-                    loss_scale,
-                    &mut weights,
-                    &mut |_, _| Ok(()),
-                )?
+            let mut grads = |bufs: &mut [B::Buf], from| match overlap {
+                true => sync.grads_ready(be, &layout, bufs, from),
+                false => Ok(()),
             };
+            loss_sum +=
+                model.forward_backward_hooked(be, &batch, loss_scale, &mut weights, &mut grads)?;
         }
 
         // This rank's forward + backward (the micro-steps end with the loss read back, which

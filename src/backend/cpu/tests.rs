@@ -271,36 +271,23 @@ fn zero_sized_dims_are_no_ops() {
             GradWrite::Add,
         )
         .unwrap();
-        be.matmul_forward(&mut a, &z, &z, Some(&z), t, k, 2)
+        for (ic, oc) in [(k, 2), (2, k)] {
+            be.matmul_forward(&mut a, &z, &z, Some(&z), t, ic, oc)
+                .unwrap();
+            be.matmul_backward(
+                &mut a,
+                &mut b,
+                Some(&mut c),
+                &z,
+                &z,
+                &z,
+                t,
+                ic,
+                oc,
+                GradWrite::Add,
+            )
             .unwrap();
-        be.matmul_forward(&mut a, &z, &z, Some(&z), t, 2, k)
-            .unwrap();
-        be.matmul_backward(
-            &mut a,
-            &mut b,
-            Some(&mut c),
-            &z,
-            &z,
-            &z,
-            t,
-            k,
-            2,
-            GradWrite::Add,
-        )
-        .unwrap();
-        be.matmul_backward(
-            &mut a,
-            &mut b,
-            Some(&mut c),
-            &z,
-            &z,
-            &z,
-            t,
-            2,
-            k,
-            GradWrite::Add,
-        )
-        .unwrap();
+        }
         be.swiglu_forward(&mut a, &z, t, k).unwrap();
         be.swiglu_backward(&mut a, Some(&mut b), &z, &z, t, k)
             .unwrap();

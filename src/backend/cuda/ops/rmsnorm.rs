@@ -237,32 +237,21 @@ mod tests {
         let mut dw_h = up(&be, &once);
         let mut dw_i = up(&be, &once);
         let dout_g = up(&be, &dout);
-        be.rmsnorm_backward(
-            &mut dx_g,
-            None,
-            &mut dw_h,
-            &dout_g,
-            &xg,
-            &wg,
-            &rstd_g,
-            t,
-            c,
-            GradWrite::Add,
-        )
-        .unwrap();
-        be.rmsnorm_backward(
-            &mut dx_g,
-            None,
-            &mut dw_i,
-            &dout_g,
-            &xg,
-            &wg,
-            &rstd_g,
-            t,
-            c,
-            GradWrite::Add,
-        )
-        .unwrap();
+        for dw in [&mut dw_h, &mut dw_i] {
+            be.rmsnorm_backward(
+                &mut dx_g,
+                None,
+                dw,
+                &dout_g,
+                &xg,
+                &wg,
+                &rstd_g,
+                t,
+                c,
+                GradWrite::Add,
+            )
+            .unwrap();
+        }
         assert_eq!(down(&be, &dw_h, c), down(&be, &dw_i, c));
     }
 }

@@ -199,35 +199,34 @@ mod tests {
         };
         let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         let (mut vec_g, mut sca_g) = (up_as(&qkv), up_as(&qkv));
-        // The CPU starts from what the GPU stored (bf16: the rounded inputs).
+        // The CPU starts from what the GPU stored (bf16: the rounded inputs); the backward
+        // from the stored forward output.
         let x0 = down(be, &vec_g, t * w);
-        let mut y_c = x0.clone();
-        cpu.rope_forward(&mut y_c, &positions, &inv_freq, dims)
-            .unwrap();
-        be.rope_forward(&mut vec_g, &pos_g, &inv_g, dims).unwrap();
-        super::rotate(be, &mut sca_g, &pos_g, &inv_g, dims, false, false).unwrap();
-        let (y_v, y_s) = (down(be, &vec_g, t * w), down(be, &sca_g, t * w));
-        assert!(
-            bits(&y_v) == bits(&y_s),
-            "{}: vec8 != scalar",
-            what("forward")
-        );
-        close(&what("forward"), &y_v, &y_c, tol);
-        // The backward, from the stored forward output.
-        let mut g_c = y_v.clone();
-        cpu.rope_backward(&mut g_c, &positions, &inv_freq, dims)
-            .unwrap();
-        be.rope_backward(&mut vec_g, &pos_g, &inv_g, dims).unwrap();
-        super::rotate(be, &mut sca_g, &pos_g, &inv_g, dims, true, false).unwrap();
-        let (g_v, g_s) = (down(be, &vec_g, t * w), down(be, &sca_g, t * w));
-        assert!(
-            bits(&g_v) == bits(&g_s),
-            "{}: vec8 != scalar",
-            what("backward")
-        );
-        close(&what("backward"), &g_v, &g_c, tol);
+        let mut stored = x0.clone();
+        for backward in [false, true] {
+            let pass = if backward { "backward" } else { "forward" };
+            let mut want = stored.clone();
+            if backward {
+                cpu.rope_backward(&mut want, &positions, &inv_freq, dims)
+                    .unwrap();
+                be.rope_backward(&mut vec_g, &pos_g, &inv_g, dims).unwrap();
+            } else {
+                cpu.rope_forward(&mut want, &positions, &inv_freq, dims)
+                    .unwrap();
+                be.rope_forward(&mut vec_g, &pos_g, &inv_g, dims).unwrap();
+            }
+            super::rotate(be, &mut sca_g, &pos_g, &inv_g, dims, backward, false).unwrap();
+            let (got_v, got_s) = (down(be, &vec_g, t * w), down(be, &sca_g, t * w));
+            assert!(
+                bits(&got_v) == bits(&got_s),
+                "{}: vec8 != scalar",
+                what(pass)
+            );
+            close(&what(pass), &got_v, &want, tol);
+            stored = got_v;
+        }
         // Forward then backward is the identity up to two roundings (v is never touched).
-        close(&what("round trip"), &g_v, &x0, 2.0 * tol);
+        close(&what("round trip"), &stored, &x0, 2.0 * tol);
     }
 
     /// Timing on a GPU, the TinyLlama shape (T = 16384, H = 32, Hkv = 4, D = 64, bf16):

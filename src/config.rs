@@ -339,6 +339,11 @@ pub struct TrainConfig {
     pub checkpoint_every: usize,
     /// Recompute each layer's activations in the backward pass instead of keeping them.
     pub recompute: bool,
+    /// Keep the layers' weight gradients in bf16, as the bf16 GEMMs produce them, when a step
+    /// has one micro-step and the backend computes in bf16 (CUDA): half the bytes for the
+    /// gradient norm, AdamW and the ranks' sum. Off, or with gradient accumulation, they are
+    /// f32.
+    pub bf16_grads: bool,
 }
 
 impl Default for TrainConfig {
@@ -358,6 +363,7 @@ impl Default for TrainConfig {
             grad_clip: 1.0,
             checkpoint_every: 0,
             recompute: false,
+            bf16_grads: true,
         }
     }
 }

@@ -263,3 +263,36 @@ fn weights_ready_sees_every_forward_stage_in_order() {
         plain.grads_to_host(&be).unwrap()
     );
 }
+
+/// `Llama::with_act_grads` (`train.bf16_grads`): the gradients of one micro-step are those of
+/// the plain model (bitwise on the CPU, whose activations are f32), and a second backward
+/// without `zero_grads`, which would add into gradients rounded once already, is refused
+/// with an error that names the fix.
+#[test]
+fn act_grads_hold_one_micro_step() {
+    use packtrain::data::TokenStore;
+    use packtrain::model::Llama;
+    let cfg = small_model();
+    let lengths = [9, 20, 3];
+    let docs = random_docs(&lengths, cfg.vocab_size, 6);
+    let store = TokenStore::from_documents(&docs);
+    let cap: usize = lengths.iter().sum();
+    let (be, mut plain) = cpu_model(&cfg, 5, cap);
+    let (_, batch) = device_batch(&be, &store, &[0, 1, 2], cap);
+    plain.zero_grads(&be).unwrap();
+    let want = plain.forward_backward(&be, &batch, 0.25).unwrap();
+
+    let (_, model) = cpu_model(&cfg, 5, cap);
+    let mut act: Llama<_> = model.with_act_grads(&be).unwrap();
+    for _ in 0..2 {
+        act.zero_grads(&be).unwrap();
+        let got = act.forward_backward(&be, &batch, 0.25).unwrap();
+        assert_eq!(got.to_bits(), want.to_bits());
+    }
+    assert_eq!(
+        act.grads_to_host(&be).unwrap(),
+        plain.grads_to_host(&be).unwrap()
+    );
+    let err = act.forward_backward(&be, &batch, 0.25).unwrap_err();
+    assert!(err.to_string().contains("zero_grads"), "{err}");
+}

@@ -55,6 +55,39 @@ pub struct AdamWStep {
     pub step: u64,
 }
 
+/// One tensor of [`Backend::adamw_tensors`]: its parameter, gradient and moments (`n`
+/// elements each), the working copy to write the new parameter into (rounded to its
+/// precision), if it has one, and its decoupled weight decay (0 where excluded from decay).
+pub struct AdamWTensor<'a, Buf> {
+    pub param: &'a mut Buf,
+    pub grad: &'a Buf,
+    pub m: &'a mut Buf,
+    pub v: &'a mut Buf,
+    pub working: Option<&'a mut Buf>,
+    pub n: usize,
+    pub weight_decay: f32,
+}
+
+/// [`Backend::adamw_tensors`] one tensor at a time (its default, and a device backend's
+/// fallback).
+pub fn adamw_each<B: Backend + ?Sized>(
+    be: &B,
+    tensors: &mut [AdamWTensor<'_, B::Buf>],
+    hp: AdamWStep,
+) -> Result<(), BackendError> {
+    for t in tensors.iter_mut() {
+        let hp = AdamWStep {
+            weight_decay: t.weight_decay,
+            ..hp
+        };
+        match t.working.as_deref_mut() {
+            Some(w) => be.adamw_with_copy(t.param, t.grad, t.m, t.v, w, t.n, hp)?,
+            None => be.adamw(t.param, t.grad, t.m, t.v, t.n, hp)?,
+        }
+    }
+    Ok(())
+}
+
 /// Dims of the attention ops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttnDims {
@@ -440,6 +473,17 @@ pub trait Backend {
     ) -> Result<(), BackendError> {
         self.adamw(param, grad, m, v, n, hp)?;
         self.copy(working, param, n)
+    }
+    /// One AdamW update of every tensor of `tensors`, with `hp` except for each tensor's own
+    /// weight decay. The default runs [`Backend::adamw`] or [`Backend::adamw_with_copy`] per
+    /// tensor ([`adamw_each`]); a device backend may update them all in one launch, with the
+    /// same results.
+    fn adamw_tensors(
+        &self,
+        tensors: &mut [AdamWTensor<'_, Self::Buf>],
+        hp: AdamWStep,
+    ) -> Result<(), BackendError> {
+        adamw_each(self, tensors, hp)
     }
     /// `sum_b sum_i b[i]^2` over the leading `len` of each buffer, summed in f64 on the host
     /// (the one host sync of a step).

@@ -192,14 +192,15 @@ impl<B: Backend> GradSync<B> for HostStaged {
     }
 }
 
-/// Consecutive tensors in groups of at most `bucket_floats` elements (a larger tensor alone).
-pub(super) fn buckets(numels: &[usize], bucket_floats: usize) -> Vec<Range<usize>> {
+/// Consecutive tensors in groups whose `sizes` add up to at most `limit` (a larger tensor
+/// alone).
+pub(super) fn buckets(sizes: &[usize], limit: usize) -> Vec<Range<usize>> {
     let mut out = Vec::new();
     let mut i = 0;
-    while i < numels.len() {
-        let (mut j, mut floats) = (i, 0);
-        while j < numels.len() && (j == i || floats + numels[j] <= bucket_floats) {
-            floats += numels[j];
+    while i < sizes.len() {
+        let (mut j, mut total) = (i, 0);
+        while j < sizes.len() && (j == i || total + sizes[j] <= limit) {
+            total += sizes[j];
             j += 1;
         }
         out.push(i..j);
@@ -222,13 +223,15 @@ pub(super) fn buckets(numels: &[usize], bucket_floats: usize) -> Vec<Range<usize
 /// [`crate::dist::nccl::NcclComm`] times them.
 pub struct NcclGradSync {
     nccl: crate::dist::nccl::NcclComm,
-    bucket_floats: usize,
+    /// `dist.bucket_mb` in bytes (bf16 gradients fit twice the elements of f32 ones).
+    bucket_bytes: usize,
     /// ZeRO-1: the rank owning each tensor (the shards of `optimizer::shard_ranges`).
     owners: Option<Vec<usize>>,
     /// Buckets of this step already started, counted from the last one.
     started: std::cell::Cell<usize>,
     /// Element counts of the layout's tensors and their buckets, computed on the first call
-    /// (the layout of a run never changes; `grads_ready` runs once per layer per step).
+    /// (the layout and the gradients' precisions of a run never change; `grads_ready` runs
+    /// once per layer per step).
     plan: std::cell::OnceCell<(Vec<usize>, Vec<Range<usize>>)>,
     /// ZeRO-1: the weight broadcasts in flight, (forward stage, event after its group), in
     /// stage order.
@@ -279,7 +282,7 @@ impl NcclGradSync {
         });
         Ok(Self {
             nccl,
-            bucket_floats: bucket_floats(cfg),
+            bucket_bytes: bucket_floats(cfg) * std::mem::size_of::<f32>(),
             owners,
             started: std::cell::Cell::new(0),
             plan: std::cell::OnceCell::new(),
@@ -291,13 +294,19 @@ impl NcclGradSync {
     /// Start every bucket not started yet whose tensors all lie in `ready_from..`, last first.
     fn start_ready(
         &self,
+        be: &CudaBackend,
         layout: &ParamLayout,
         grads: &mut [crate::backend::cuda::CudaBuf],
         ready_from: usize,
     ) -> Result<(), TrainError> {
         let (numels, all) = self.plan.get_or_init(|| {
             let numels: Vec<usize> = layout.specs.iter().map(|s| s.numel()).collect();
-            let all = buckets(&numels, self.bucket_floats);
+            let bytes: Vec<usize> = numels
+                .iter()
+                .zip(grads.iter())
+                .map(|(n, g)| n * g.dtype().size())
+                .collect();
+            let all = buckets(&bytes, self.bucket_bytes);
             (numels, all)
         });
         for b in all.iter().rev().skip(self.started.get()) {
@@ -308,12 +317,16 @@ impl NcclGradSync {
                 None => Collective::AllReduceSum,
                 Some(owner) => Collective::ReduceSum { root: owner[i] },
             };
-            let mut ops = grads[b.clone()]
-                .iter_mut()
+            // f32 gradients, or bf16 ones (`Llama::with_act_grads`), summed in their precision.
+            let ops: Vec<_> = grads[b.clone()]
+                .iter()
                 .zip(b.clone())
-                .map(|(g, i)| Ok((g.f32_mut("gradient sum")?, numels[i], op(i))))
-                .collect::<Result<Vec<_>, crate::backend::BackendError>>()?;
-            self.nccl.group_start(&mut ops, "the gradient sum")?;
+                .map(|(g, i)| (nccl_buf(be, g), numels[i], op(i)))
+                .collect();
+            // SAFETY: the gradients live for the whole run; the compute stream waits for these
+            // sums (`wait_for_collectives`) before the norm or AdamW reads the gradients, and
+            // the next backward writes them only after that.
+            unsafe { self.nccl.group_start_raw(&ops, "the gradient sum")? };
             self.started.set(self.started.get() + 1);
         }
         Ok(())
@@ -326,21 +339,21 @@ impl GradSync<CudaBackend> for NcclGradSync {
     }
     fn grads_ready(
         &self,
-        _be: &CudaBackend,
+        be: &CudaBackend,
         layout: &ParamLayout,
         grads: &mut [crate::backend::cuda::CudaBuf],
         ready_from: usize,
     ) -> Result<(), TrainError> {
-        self.start_ready(layout, grads, ready_from)
+        self.start_ready(be, layout, grads, ready_from)
     }
     fn all_reduce(
         &self,
-        _be: &CudaBackend,
+        be: &CudaBackend,
         _comm: &dyn Comm,
         layout: &ParamLayout,
         grads: &mut [crate::backend::cuda::CudaBuf],
     ) -> Result<(), TrainError> {
-        let started = self.start_ready(layout, grads, 0);
+        let started = self.start_ready(be, layout, grads, 0);
         self.started.set(0);
         started?;
         Ok(self.nccl.wait_for_collectives()?)

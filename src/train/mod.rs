@@ -232,6 +232,9 @@ pub fn run_with<B: Backend>(
         }
     };
     let mut model = Llama::new(be, &cfg.model, &weights, budget, cfg.train.recompute)?;
+    if cfg.train.bf16_grads && cfg.packing.micro_steps == 1 {
+        model = model.with_act_grads(be)?;
+    }
     drop(weights);
     let mut batch = DeviceBatch::new(be, budget)?;
     tracing::info!(

@@ -4,7 +4,7 @@
 
 use std::ops::Range;
 
-use crate::backend::{AdamWStep, Backend, BackendError};
+use crate::backend::{AdamWStep, AdamWTensor, Backend, BackendError};
 use crate::config::TrainConfig;
 use crate::model::ParamLayout;
 
@@ -135,36 +135,52 @@ impl<B: Backend> AdamW<B> {
         lr: f64,
         grad_scale: f32,
     ) -> Result<(), BackendError> {
-        self.step += 1;
-        for (k, i) in self.owned.clone().enumerate() {
-            let spec = &layout.specs[i];
-            let wd = if layout.decays(i, cfg.decay_norms_and_embeddings) {
-                cfg.weight_decay
-            } else {
-                0.0
-            };
-            let hp = AdamWStep {
-                lr: lr as f32,
-                beta1: cfg.beta1 as f32,
-                beta2: cfg.beta2 as f32,
-                eps: cfg.eps as f32,
-                weight_decay: wd as f32,
-                grad_scale,
-                step: self.step,
-            };
-            let (m, v) = (&mut self.m[k], &mut self.v[k]);
-            match working.get_mut(i).and_then(Option::as_mut) {
-                Some(w) => {
-                    be.adamw_with_copy(&mut params[i], &grads[i], m, v, w, spec.numel(), hp)?
-                }
-                None => be.adamw(&mut params[i], &grads[i], m, v, spec.numel(), hp)?,
-            }
+        let n = layout.specs.len();
+        if params.len() != n || working.len() != n || grads.len() != n {
+            return Err(BackendError::Shape {
+                op: "AdamW::update",
+                message: format!(
+                    "{} parameters, {} working copies and {} gradients for a layout of {n}",
+                    params.len(),
+                    working.len(),
+                    grads.len()
+                ),
+            });
         }
-        Ok(())
+        self.step += 1;
+        let hp = AdamWStep {
+            lr: lr as f32,
+            beta1: cfg.beta1 as f32,
+            beta2: cfg.beta2 as f32,
+            eps: cfg.eps as f32,
+            weight_decay: 0.0,
+            grad_scale,
+            step: self.step,
+        };
+        let owned = self.owned.clone();
+        let mut tensors: Vec<AdamWTensor<'_, B::Buf>> = params[owned.clone()]
+            .iter_mut()
+            .zip(working[owned.clone()].iter_mut())
+            .zip(&grads[owned.clone()])
+            .zip(self.m.iter_mut().zip(self.v.iter_mut()))
+            .zip(owned)
+            .map(|((((param, working), grad), (m, v)), i)| AdamWTensor {
+                param,
+                grad,
+                m,
+                v,
+                working: working.as_mut(),
+                n: layout.specs[i].numel(),
+                weight_decay: if layout.decays(i, cfg.decay_norms_and_embeddings) {
+                    cfg.weight_decay as f32
+                } else {
+                    0.0
+                },
+            })
+            .collect();
+        be.adamw_tensors(&mut tensors, hp)
     }
 
-    /// Host copies of (m, v), one per tensor in layout order; empty for the tensors this rank
-    /// does not own.
     pub fn to_host(&self, be: &B, layout: &ParamLayout) -> Result<HostMoments, BackendError> {
         let get = |bufs: &[B::Buf]| -> Result<Vec<Vec<f32>>, BackendError> {
             let mut out = vec![Vec::new(); layout.specs.len()];
@@ -196,5 +212,35 @@ mod tests {
         assert_eq!(sizes, [180, 160]);
         let r = shard_ranges(&[5], 3);
         assert_eq!(r.iter().map(|x| x.len()).sum::<usize>(), 1);
+    }
+
+    /// An update given fewer working copies (or parameters, gradients) than the layout has
+    /// tensors is refused, naming the counts, and does not count as a step.
+    #[test]
+    fn update_with_missing_tensors_is_refused() {
+        use crate::backend::cpu::CpuBackend;
+        let be = CpuBackend::new();
+        let mut cfg = crate::config::Config::default();
+        cfg.model.n_layers = 1;
+        let layout = ParamLayout::new(&cfg.model);
+        let mut opt = AdamW::new(&be, &layout).unwrap();
+        let bufs =
+            || -> Vec<Vec<f32>> { layout.specs.iter().map(|s| vec![0.0; s.numel()]).collect() };
+        let (mut params, grads) = (bufs(), bufs());
+        let mut working: Vec<Option<Vec<f32>>> = vec![None; layout.specs.len() - 1];
+        let err = opt
+            .update(
+                &be,
+                &layout,
+                &mut params,
+                &mut working,
+                &grads,
+                &cfg.train,
+                1e-3,
+                1.0,
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("working copies"), "{err}");
+        assert_eq!(opt.step, 0);
     }
 }

@@ -22,8 +22,9 @@ use std::sync::Arc;
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig};
 
-use super::{AdamWStep, AttnDims, Backend, BackendError, GradWrite};
+use super::{AdamWStep, AdamWTensor, AttnDims, Backend, BackendError, GradWrite};
 
+pub(crate) use buf::Ten;
 pub use buf::{CudaBuf, DType};
 pub use compile::{arch_name, cache_dir, cuda_include_dir, KernelSource, SOURCES};
 pub use gemm::GemmMode;
@@ -571,11 +572,7 @@ impl Backend for CudaBackend {
         )
     }
     fn sum_squares(&self, bufs: &[(&Self::Buf, usize)]) -> Result<f64, BackendError> {
-        let f32s = bufs
-            .iter()
-            .map(|(b, n)| Ok((b.f32("sum_squares")?, *n)))
-            .collect::<Result<Vec<_>, BackendError>>()?;
-        ops::adamw::sum_squares(self, &f32s)
+        ops::adamw::sum_squares(self, bufs)
     }
     fn scale(&self, buf: &mut Self::Buf, n: usize, s: f32) -> Result<(), BackendError> {
         ops::elementwise::scale(self, buf, n, s)
@@ -590,8 +587,8 @@ impl Backend for CudaBackend {
         hp: AdamWStep,
     ) -> Result<(), BackendError> {
         const OP: &str = "adamw";
-        let (p, g) = (param.f32_mut(OP)?, grad.f32(OP)?);
-        ops::adamw::step(self, p, g, m.f32_mut(OP)?, v.f32_mut(OP)?, None, n, hp)
+        let (p, m, v) = (param.f32_mut(OP)?, m.f32_mut(OP)?, v.f32_mut(OP)?);
+        ops::adamw::step(self, p, grad, m, v, None, n, hp)
     }
     fn adamw_with_copy(
         &self,
@@ -604,9 +601,15 @@ impl Backend for CudaBackend {
         hp: AdamWStep,
     ) -> Result<(), BackendError> {
         const OP: &str = "adamw";
-        let (p, g) = (param.f32_mut(OP)?, grad.f32(OP)?);
-        let (m, v) = (m.f32_mut(OP)?, v.f32_mut(OP)?);
-        ops::adamw::step(self, p, g, m, v, Some(working), n, hp)
+        let (p, m, v) = (param.f32_mut(OP)?, m.f32_mut(OP)?, v.f32_mut(OP)?);
+        ops::adamw::step(self, p, grad, m, v, Some(working), n, hp)
+    }
+    fn adamw_tensors(
+        &self,
+        tensors: &mut [AdamWTensor<'_, Self::Buf>],
+        hp: AdamWStep,
+    ) -> Result<(), BackendError> {
+        ops::adamw::step_tensors(self, tensors, hp)
     }
 }
 

@@ -168,7 +168,12 @@ pub fn run_steps<B: Backend>(
         .max()
         .unwrap_or(1);
     let weights = init_weights(&layout, &cfg.model, seed);
+    // One micro-step per step: the weight gradients are bf16 where the backend computes in bf16
+    // (`train.bf16_grads`, on by default).
     let mut model = Llama::new(be, &cfg.model, &weights, capacity, recompute)?;
+    if cfg.train.bf16_grads {
+        model = model.with_act_grads(be)?;
+    }
     drop(weights);
     let mut opt = AdamW::new(be, &layout)?;
     let mut batch = DeviceBatch::new(be, capacity)?;

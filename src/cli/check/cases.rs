@@ -3,9 +3,9 @@
 use rand::Rng;
 
 use super::harness::{cu_of, positions_of, ragged_lengths, CaseError, CaseRun, Cases};
-use super::model_case::model_case;
+use super::model_case::{model_case, ModelOutputs};
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{AdamWStep, AttnDims, Backend, GradWrite};
+use crate::backend::{AdamWStep, AdamWTensor, AttnDims, Backend, GradWrite};
 use crate::model::rope_inv_freq;
 use crate::packing::IGNORE_INDEX;
 
@@ -444,18 +444,41 @@ fn op_list<B: Backend>(c: &mut Cases<B>) {
     }
 
     // ------------------------------------------------------------ optimizer
-    c.case("sum_squares", "sum_squares", |io| {
-        let sizes = [1usize, 1000, 65_537, 300_001];
-        let data: Vec<Vec<f32>> = sizes.iter().map(|&n| io.randn(n, 0.01)).collect();
-        let bufs = data
-            .iter()
-            .map(|d| io.full(d))
-            .collect::<Result<Vec<_>, _>>()?;
-        let list: Vec<(&B::Buf, usize)> = bufs.iter().zip(sizes).collect();
-        let s = io.be.sum_squares(&list)?;
-        io.output_host("sum", vec![s as f32]);
-        Ok(())
-    });
+    // `[bf16]`: activation-kind buffers holding bf16 values (`train.bf16_grads`). Sizes with
+    // and without whole 8-element vectors (the CUDA kernels per buffer), and all in whole
+    // vectors (one launch over every buffer).
+    let per_buffer = [1usize, 1000, 65_537, 300_001, 300_000];
+    let one_launch = [1000usize, 65_536, 8, 300_000, 16];
+    for (bf16, sizes) in [
+        (false, per_buffer),
+        (true, per_buffer),
+        (false, one_launch),
+        (true, one_launch),
+    ] {
+        let tag = format!(
+            "{}{}",
+            if bf16 { "[bf16]" } else { "" },
+            if sizes == one_launch {
+                "[one launch]"
+            } else {
+                ""
+            }
+        );
+        c.case(format!("sum_squares{tag}"), "sum_squares", |io| {
+            let data: Vec<Vec<f32>> = sizes.iter().map(|&n| io.randn(n, 0.01)).collect();
+            let bufs = data
+                .iter()
+                .map(|d| match bf16 {
+                    true => io.input(&bf16_values(d)),
+                    false => io.full(d),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let list: Vec<(&B::Buf, usize)> = bufs.iter().zip(sizes).collect();
+            let s = io.be.sum_squares(&list)?;
+            io.output_host("sum", vec![s as f32]);
+            Ok(())
+        });
+    }
     // n odd: the CUDA scalar kernels; a multiple of 8: the 16-byte (vec8) kernel.
     for (tag, step, zero_moments, n) in [
         ("[step 1]", 1u64, true, 100_003usize),
@@ -492,39 +515,132 @@ fn op_list<B: Backend>(c: &mut Cases<B>) {
 
     // AdamW that also writes the working copy (activation-kind: f32 in the first pass, the
     // backend's activation precision in the second): param, m, v exactly as `adamw`, and the copy
-    // equal to the new param rounded.
-    for n in [100_003usize, 100_000] {
-        c.case(format!("adamw_with_copy[n = {n}]"), "adamw_copy", |io| {
-            let p0 = io.randn(n, 0.02);
-            let g = io.randn(n, 1e-3);
-            let m0 = io.randn(n, 1e-3);
-            let v0 = io.uniform(n, 1e-8, 1e-6);
-            let (mut p, gb) = (io.full(&p0)?, io.full(&g)?);
-            let (mut m, mut v) = (io.full(&m0)?, io.full(&v0)?);
-            let mut w = io.poisoned(n)?;
+    // equal to the new param rounded. With `[bf16 grad]` the gradient is activation-kind too
+    // (`train.bf16_grads`), holding bf16 values so both sides read the same numbers.
+    for (n, bf16_grad) in [
+        (100_003usize, false),
+        (100_000, false),
+        (100_003, true),
+        (100_000, true),
+    ] {
+        let tag = if bf16_grad { "[bf16 grad]" } else { "" };
+        c.case(
+            format!("adamw_with_copy[n = {n}]{tag}"),
+            "adamw_copy",
+            |io| {
+                let p0 = io.randn(n, 0.02);
+                let g = io.randn(n, 1e-3);
+                let m0 = io.randn(n, 1e-3);
+                let v0 = io.uniform(n, 1e-8, 1e-6);
+                let gb = match bf16_grad {
+                    true => io.input(&bf16_values(&g))?,
+                    false => io.full(&g)?,
+                };
+                let mut p = io.full(&p0)?;
+                let (mut m, mut v) = (io.full(&m0)?, io.full(&v0)?);
+                let mut w = io.poisoned(n)?;
+                let hp = AdamWStep {
+                    lr: 3e-4,
+                    beta1: 0.9,
+                    beta2: 0.95,
+                    eps: 1e-8,
+                    weight_decay: 0.1,
+                    grad_scale: 0.7,
+                    step: 3,
+                };
+                io.be
+                    .adamw_with_copy(&mut p, &gb, &mut m, &mut v, &mut w, n, hp)?;
+                io.output("param", &p, n)?;
+                io.output("m", &m, n)?;
+                io.output("v", &v, n)?;
+                io.output("working copy", &w, n)
+            },
+        );
+    }
+
+    // Several tensors in one call (what the optimizer runs): f32 and bf16 (activation-kind)
+    // gradients, with and without a working copy, each its own weight decay. Sizes all
+    // multiples of 8 take the CUDA one-launch kernel; one odd size sends the call down the
+    // per-tensor kernels.
+    for sizes in [[4096usize, 8, 65_536, 1000], [4096, 8, 65_537, 1000]] {
+        let tag = if sizes.iter().all(|n| n % 8 == 0) {
+            "[one launch]"
+        } else {
+            "[per tensor]"
+        };
+        c.case(format!("adamw_tensors{tag}"), "adamw_copy", |io| {
+            let mut bufs = Vec::new();
+            for (k, &n) in sizes.iter().enumerate() {
+                let g = io.randn(n, 1e-3);
+                let grad = match k % 2 {
+                    1 => io.input(&bf16_values(&g))?,
+                    _ => io.full(&g)?,
+                };
+                let (p0, m0, v0) = (
+                    io.randn(n, 0.02),
+                    io.randn(n, 1e-3),
+                    io.uniform(n, 1e-8, 1e-6),
+                );
+                let working = match k {
+                    0 | 1 => Some(io.poisoned(n)?),
+                    _ => None,
+                };
+                bufs.push((io.full(&p0)?, grad, io.full(&m0)?, io.full(&v0)?, working));
+            }
+            let mut tensors: Vec<AdamWTensor<'_, B::Buf>> = bufs
+                .iter_mut()
+                .zip(sizes)
+                .enumerate()
+                .map(|(k, ((p, g, m, v, w), n))| AdamWTensor {
+                    param: p,
+                    grad: g,
+                    m,
+                    v,
+                    working: w.as_mut(),
+                    n,
+                    weight_decay: 0.05 * k as f32,
+                })
+                .collect();
             let hp = AdamWStep {
                 lr: 3e-4,
                 beta1: 0.9,
                 beta2: 0.95,
                 eps: 1e-8,
-                weight_decay: 0.1,
+                weight_decay: 0.0,
                 grad_scale: 0.7,
-                step: 3,
+                step: 5,
             };
-            io.be
-                .adamw_with_copy(&mut p, &gb, &mut m, &mut v, &mut w, n, hp)?;
-            io.output("param", &p, n)?;
-            io.output("m", &m, n)?;
-            io.output("v", &v, n)?;
-            io.output("working copy", &w, n)
+            io.be.adamw_tensors(&mut tensors, hp)?;
+            drop(tensors);
+            for (k, ((p, _, m, v, w), n)) in bufs.iter().zip(sizes).enumerate() {
+                io.output(&format!("param {k}"), p, n)?;
+                io.output(&format!("m {k}"), m, n)?;
+                io.output(&format!("v {k}"), v, n)?;
+                if let Some(w) = w {
+                    io.output(&format!("working copy {k}"), w, n)?;
+                }
+            }
+            Ok(())
         });
     }
 
     // ------------------------------------------------------------ the whole model
     c.case("model[forward_backward]", "model", |io| {
-        model_case(io, true)
+        model_case(io, ModelOutputs::Grads)
     });
-    c.case("model[forward]", "model", |io| model_case(io, false));
+    c.case("model[forward_backward][bf16 grads]", "model", |io| {
+        model_case(io, ModelOutputs::ActGrads)
+    });
+    c.case("model[forward]", "model", |io| {
+        model_case(io, ModelOutputs::Forward)
+    });
+}
+
+/// `x` rounded to bf16 (nearest even) and widened back: values a bf16 buffer holds exactly.
+fn bf16_values(x: &[f32]) -> Vec<f32> {
+    x.iter()
+        .map(|&v| half::bf16::from_f32(v).to_f32())
+        .collect()
 }
 
 fn attn_dims(lens: &[usize], h: usize, hkv: usize, d: usize) -> AttnDims {

@@ -26,10 +26,26 @@ pub fn check_model_config() -> ModelConfig {
     }
 }
 
+/// Which outputs the whole-model case checks.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum ModelOutputs {
+    /// The loss and per-token losses of the forward.
+    Forward,
+    /// Those and every parameter gradient of one backward, in f32.
+    Grads,
+    /// The same with the layers' weight gradients in the backend's activation precision
+    /// (`Llama::with_act_grads`, what `train.bf16_grads` runs).
+    ActGrads,
+}
+
 /// The small Llama on one packed batch of ~20 ragged documents (T ~ 3000, one document of
 /// length 1, one with its first half masked out of the loss): loss, per-token losses and
-/// (with `grads`) every parameter gradient.
-pub(super) fn model_case<B: Backend>(io: &mut Io<B>, grads: bool) -> Result<(), CaseError> {
+/// (unless `Forward`) every parameter gradient.
+pub(super) fn model_case<B: Backend>(
+    io: &mut Io<B>,
+    outputs: ModelOutputs,
+) -> Result<(), CaseError> {
+    let grads = outputs != ModelOutputs::Forward;
     let cfg = check_model_config();
     let lens = ragged_lengths(&mut io.rng, 20, 3000, false);
     let docs: Vec<Document> = lens
@@ -54,6 +70,9 @@ pub(super) fn model_case<B: Backend>(io: &mut Io<B>, grads: bool) -> Result<(), 
     let weights = layout.init(&cfg, io.rng.random());
     // Capacity above T: the model's buffers are longer than the batch.
     let mut model = Llama::new(io.be, &cfg, &weights, t + 37, false)?;
+    if outputs == ModelOutputs::ActGrads {
+        model = model.with_act_grads(io.be)?;
+    }
     let mut batch = DeviceBatch::new(io.be, t + 37)?;
     batch.upload(io.be, &packed)?;
     let loss = if grads {

@@ -38,6 +38,15 @@ impl<B: Backend> Llama<B> {
         weights_ready: &mut WeightsReady<'_, E>,
         grads_ready: &mut GradsReady<'_, B, E>,
     ) -> Result<f64, E> {
+        if self.act_grads && !self.overwrite_grads {
+            return Err(BackendError::Shape {
+                op: "Llama::forward_backward",
+                message: "the weight gradients are bf16 (with_act_grads) and hold one \
+                          micro-step: call zero_grads before each backward"
+                    .into(),
+            }
+            .into());
+        }
         // The loss is read back only after the backward is queued, so a device backend runs
         // the whole micro-step without waiting for the host.
         self.forward_inner(be, batch, Some(loss_scale), weights_ready)?;

@@ -165,6 +165,8 @@ pub struct Llama<B: Backend> {
     /// Set by `zero_grads`: the next backward writes every gradient instead of adding to it
     /// (the embedding's, scatter-added, is zeroed by `zero_grads` itself).
     overwrite_grads: bool,
+    /// The GEMM matrices' gradients are in the activation precision ([`Llama::with_act_grads`]).
+    act_grads: bool,
 }
 
 /// The hook of [`Llama::forward_backward_hooked`]: `(grads, from)` says the gradients of
@@ -327,7 +329,31 @@ impl<B: Backend> Llama<B> {
             losses: be.alloc(cap)?,
             scratch,
             overwrite_grads: false,
+            act_grads: false,
         })
+    }
+
+    /// Keeps the GEMM matrices' gradients in the activation precision (bf16 on the CUDA
+    /// backend; nothing changes where activations are f32), for runs of one micro-step per
+    /// optimizer step. They then hold what the bf16 GEMMs produce, which is what torch's
+    /// autocast computes before it upcasts, and every reader (the gradient norm, AdamW, the
+    /// ranks' sum) moves half the bytes. A second micro-step would add into them and round
+    /// again, so the backward refuses to add: each needs [`Llama::zero_grads`] first. The
+    /// layers' matrices only: the lm_head's gradient stays f32, since the classifier adds it
+    /// up over chunks of tokens (and a tied one is the embedding's, which the backward
+    /// scatter-adds into).
+    /// (Where activations are f32 the gradients stay f32, but the one-micro-step rule holds
+    /// all the same, so a run behaves alike on every backend.)
+    pub fn with_act_grads(mut self, be: &B) -> Result<Self, BackendError> {
+        if !be.activations_are_f32() {
+            for i in self.layout.gemm_weights() {
+                if i != self.layout.lm_head {
+                    self.grads[i] = be.alloc_act(self.layout.specs[i].numel())?;
+                }
+            }
+        }
+        self.act_grads = true;
+        Ok(self)
     }
 
     /// How the next backward stores the weight gradients (see `zero_grads`).

@@ -24,18 +24,32 @@
 //     moved with 16-byte accesses (ld8/st8). A lane's partial sum runs k, then j ascending.
 //     Why: the scalar kernels move bf16 2 bytes per access (rmsnorm_forward 92 us,
 //     rmsnorm_backward_dx 216 us at T = 16384, C = 2048 on an H100).
-//   rmsnorm_backward_dweight_partial: grid (ceil(C / 128), ceil(T / ROWS)), one thread per
-//     column of a block of ROWS = 256 rows, summing over its rows in ascending t into
-//     partial[block, c] (overwritten, a [ceil(T / ROWS), C] scratch).
-//   rmsnorm_backward_dweight_reduce: one thread per column, dweight[c] += the partials in
-//     block order.
-//   dweight is therefore deterministic, in the same order as the CPU reference (blocks of 256
-//   rows, t ascending within a block, blocks added in order); no atomics anywhere.
+//   rmsnorm_backward_vec8 (the model's path: C % 8 == 0, aligned, 4 C floats of shared memory
+//     per warp fit): dx as rmsnorm_backward_dx_vec8 and dweight's partials in the same pass.
+//     Blocks of RMSNORM_FUSED_WARPS warps own RMSNORM_FUSED_ROWS consecutive rows; warp w
+//     takes rows w, w + WARPS, ... ascending and adds g x rstd into its own shared row of C
+//     floats (each lane only its own columns: no atomics, no races); at the end the block sums
+//     the warps' rows in warp order into partial[block, c].
+//     Why: a separate dweight pass re-read dout and x (6 bytes per element; 2.5 ms of
+//     TinyLlama's step on an H100), which the dx pass has in registers anyway.
+//   rmsnorm_backward_dweight_partial (the other layouts): grid (ceil(C / 128), ceil(T / ROWS)),
+//     one thread per column of a block of ROWS = 256 rows, summing over its rows in ascending
+//     t into partial[block, c].
+//   rmsnorm_backward_dweight_reduce: dweight[c] += sum over b of partial[b, c]; a block of
+//     32 columns x 32 lanes, lane y summing b = y, y + 32, ... ascending, then the 32 in order.
+//   dweight is therefore deterministic (a fixed order that does not depend on scheduling); no
+//   atomics anywhere. It is not the CPU reference's order (blocks of 256 rows, sequential
+//   within each), so the two agree to rounding.
 // Considered, not measured: one thread per column looping over all T (as bias_add_backward):
 //   simpler, but only C threads in flight (16 blocks of 128 at C = 2048) each walking T rows.
 // The math is fp32 throughout; 1 / sqrtf (IEEE) rather than rsqrtf, as the CPU.
 
 #define RMSNORM_ROWS 256  // rows per dweight partial; must equal ROWS in ops/rmsnorm.rs
+// The fused backward's block: must equal FUSED_WARPS and FUSED_ROWS in ops/rmsnorm.rs.
+#define RMSNORM_FUSED_WARPS 4
+#define RMSNORM_FUSED_ROWS 32
+#define RMSNORM_REDUCE_COLS 32
+#define RMSNORM_REDUCE_LANES 32
 
 // 1 / sqrt(mean of squares + eps) from a lane's partial sum of squares (all lanes get it).
 __device__ __forceinline__ float rmsnorm_rstd(float ss, int C, float eps) {
@@ -134,6 +148,59 @@ extern "C" __global__ void rmsnorm_backward_dx_vec8(Ten dx, Ten dx_copy, Ten dou
     }
 }
 
+// partial: an f32 [ceil(T / RMSNORM_FUSED_ROWS), C] scratch, every element overwritten; dynamic
+// shared memory: RMSNORM_FUSED_WARPS C floats.
+extern "C" __global__ void __launch_bounds__(32 * RMSNORM_FUSED_WARPS)
+    rmsnorm_backward_vec8(float* partial, Ten dx, Ten dx_copy, Ten dout, Ten x, Ten weight,
+                          Ten rstd, int T, int C) {
+    extern __shared__ float dw_rows[];
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    float* mine = dw_rows + (long long)warp * C;
+    for (int c = lane * 8; c < C; c += 256) {
+#pragma unroll
+        for (int j = 0; j < 8; j++) mine[c + j] = 0.0f;
+    }
+    float g[8], w[8], v[8], d[8];
+    int t0 = blockIdx.x * RMSNORM_FUSED_ROWS;
+    for (int r = warp; r < RMSNORM_FUSED_ROWS && t0 + r < T; r += RMSNORM_FUSED_WARPS) {
+        int t = t0 + r;
+        long long row = (long long)t * C;
+        // sum_k g[k] w[k] x[k]
+        float dot = 0.0f;
+        for (int c = lane * 8; c < C; c += 256) {
+            ld8(dout, row + c, g);
+            ld8(weight, c, w);
+            ld8(x, row + c, v);
+#pragma unroll
+            for (int j = 0; j < 8; j++) dot += g[j] * w[j] * v[j];
+        }
+        dot = warp_sum(dot);
+        float rs = ld(rstd, t);
+        float k = rs * rs * rs * dot * (1.0f / (float)C);
+        for (int c = lane * 8; c < C; c += 256) {
+            long long i = row + c;
+            ld8(dx, i, d);
+            ld8(dout, i, g);
+            ld8(weight, c, w);
+            ld8(x, i, v);
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                d[j] = rnd(dx, d[j] + rs * g[j] * w[j] - k * v[j]);
+                mine[c + j] += g[j] * v[j] * rs;
+            }
+            st8(dx, i, d);  // already rounded: stored exactly
+            if (dx_copy.p) st8(dx_copy, i, d);
+        }
+    }
+    __syncthreads();
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        float s = 0.0f;
+#pragma unroll
+        for (int u = 0; u < RMSNORM_FUSED_WARPS; u++) s += dw_rows[(long long)u * C + c];
+        partial[(long long)blockIdx.x * C + c] = s;
+    }
+}
+
 // partial is an f32 scratch the launcher allocates.
 extern "C" __global__ void rmsnorm_backward_dweight_partial(float* partial, Ten dout, Ten x,
                                                             Ten rstd, int T, int C) {
@@ -149,11 +216,20 @@ extern "C" __global__ void rmsnorm_backward_dweight_partial(float* partial, Ten 
     partial[(long long)blockIdx.y * C + c] = acc;
 }
 
+// Block (RMSNORM_REDUCE_COLS, RMSNORM_REDUCE_LANES), grid ceil(C / RMSNORM_REDUCE_COLS).
 extern "C" __global__ void rmsnorm_backward_dweight_reduce(Ten dweight, const float* partial,
                                                            int blocks, int C) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C) return;
+    __shared__ float sums[RMSNORM_REDUCE_LANES][RMSNORM_REDUCE_COLS];
+    int c = blockIdx.x * RMSNORM_REDUCE_COLS + threadIdx.x;
+    float s = 0.0f;
+    if (c < C)
+        for (int b = threadIdx.y; b < blocks; b += RMSNORM_REDUCE_LANES)
+            s += partial[(long long)b * C + c];
+    sums[threadIdx.y][threadIdx.x] = s;
+    __syncthreads();
+    if (threadIdx.y != 0 || c >= C) return;
     float d = ld(dweight, c);
-    for (int b = 0; b < blocks; b++) d += partial[(long long)b * C + c];
+#pragma unroll
+    for (int y = 0; y < RMSNORM_REDUCE_LANES; y++) d += sums[y][threadIdx.x];
     st(dweight, c, d);
 }

@@ -1,11 +1,30 @@
 //! AdamW and the sum of squares of gradient clipping (kernels and math in `adamw.cu`).
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::elementwise::grid_stride;
 use super::need;
-use crate::backend::cuda::{drv, launch, CudaBackend, CudaBuf};
-use crate::backend::{AdamWStep, BackendError};
+use crate::backend::cuda::{drv, launch, CudaBackend, CudaBuf, DType, Ten};
+use crate::backend::{adamw_each, AdamWStep, AdamWTensor, BackendError};
+
+/// Most tensors of one multi-tensor launch; must equal `ADAMW_MAX_TENSORS` in `adamw.cu`.
+const MAX_TENSORS: usize = 2048;
+
+/// One tensor of `adamw_tensors_vec8`: `struct AdamWDesc` in `adamw.cu`, the same 64 bytes.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct AdamWDesc {
+    param: u64,
+    m: u64,
+    v: u64,
+    grad: Ten,
+    working: Ten,
+    weight_decay: f32,
+    pad: i32,
+}
+
+// SAFETY: plain old data with the C layout of the kernel's `AdamWDesc`.
+unsafe impl DeviceRepr for AdamWDesc {}
 
 /// Threads per block of `sum_squares_partial`.
 const SS_THREADS: usize = 256;
@@ -18,16 +37,19 @@ fn ss_blocks(n: usize) -> usize {
     n.div_ceil(SS_THREADS).min(SS_MAX_BLOCKS)
 }
 
-/// `sum_b sum_i b[i]^2` over the leading `len` of each buffer: one kernel per buffer writes
-/// per-block f64 partials into one scratch array, which is downloaded once (the one host sync)
-/// and summed on the host in buffer order, then block order. Bitwise reproducible.
-pub fn sum_squares(
-    be: &CudaBackend,
-    bufs: &[(&CudaSlice<f32>, usize)],
-) -> Result<f64, BackendError> {
+/// `sum_b sum_i b[i]^2` over the leading `len` of each buffer (f32 or bf16): one kernel per
+/// buffer writes per-block f64 partials into one scratch array, which is downloaded once (the
+/// one host sync) and summed on the host in buffer order, then block order. Bitwise
+/// reproducible.
+pub fn sum_squares(be: &CudaBackend, bufs: &[(&CudaBuf, usize)]) -> Result<f64, BackendError> {
     const OP: &str = "sum_squares";
     for (i, &(buf, len)) in bufs.iter().enumerate() {
         need(OP, &format!("buffer {i} [len]"), buf.len(), len)?;
+    }
+    if bufs.len() > 1 {
+        if let Some(starts) = group_starts(be, bufs) {
+            return sum_squares_tensors(be, bufs, &starts);
+        }
     }
     let blocks: Vec<usize> = bufs.iter().map(|&(_, len)| ss_blocks(len)).collect();
     let total: usize = blocks.iter().sum();
@@ -47,16 +69,31 @@ pub fn sum_squares(
             shared_mem_bytes: 0,
         };
         let mut view = partials.slice_mut(off..off + nb);
-        // 16-byte loads when whole float4s cover the buffer (allocations are 256-byte aligned).
-        let (name, count) = if len.is_multiple_of(4) && be.ptr(buf).is_multiple_of(16) {
-            ("sum_squares_partial_vec4", n64 / 4)
-        } else {
-            ("sum_squares_partial", n64)
-        };
+        // 16-byte loads when whole vectors cover the buffer (allocations are 256-byte aligned).
+        let aligned = be.raw(buf).is_multiple_of(16);
         // Checked: buf holds len; the view holds exactly this launch's nb blocks.
-        launch(be, name, cfg, |a| {
-            a.arg(&mut view).arg(buf).arg(&count);
-        })?;
+        match buf {
+            CudaBuf::F32(x) => {
+                let (name, count) = if len.is_multiple_of(4) && aligned {
+                    ("sum_squares_partial_vec4", n64 / 4)
+                } else {
+                    ("sum_squares_partial", n64)
+                };
+                launch(be, name, cfg, |a| {
+                    a.arg(&mut view).arg(x).arg(&count);
+                })?
+            }
+            CudaBuf::Bf16(x) => {
+                let (name, count) = if len.is_multiple_of(8) && aligned {
+                    ("sum_squares_partial_bf16x8", n64 / 8)
+                } else {
+                    ("sum_squares_partial_bf16", n64)
+                };
+                launch(be, name, cfg, |a| {
+                    a.arg(&mut view).arg(x).arg(&count);
+                })?
+            }
+        }
         off += nb;
     }
     let mut host = vec![0.0f64; total];
@@ -73,13 +110,154 @@ pub fn sum_squares(
     Ok(sum)
 }
 
-/// One AdamW update of `n` elements of param, m, v (in place) from grad; with `working`, the
-/// new param is also stored there (rounded to its precision) by the same kernel.
+/// The 8-element group each buffer starts at when `lens` are numbered one after the other,
+/// and the total at the end; `None` unless every buffer holds its `len` (a multiple of 8) and
+/// is 16-byte aligned and there are at most `MAX_TENSORS`: then the per-tensor kernels run.
+fn group_starts(be: &CudaBackend, bufs: &[(&CudaBuf, usize)]) -> Option<Vec<i64>> {
+    if bufs.len() > MAX_TENSORS {
+        return None;
+    }
+    let mut starts = Vec::with_capacity(bufs.len() + 1);
+    let mut at = 0i64;
+    starts.push(at);
+    for &(b, len) in bufs {
+        if !len.is_multiple_of(8) || b.len() < len || !be.raw(b).is_multiple_of(16) {
+            return None;
+        }
+        at += (len / 8) as i64;
+        starts.push(at);
+    }
+    Some(starts)
+}
+
+/// Bias corrections 1 - beta^step, in f64 on the host and passed as f32.
+fn bias_corrections(hp: &AdamWStep, op: &'static str) -> Result<(f32, f32), BackendError> {
+    if hp.step == 0 {
+        return Err(BackendError::Shape {
+            op,
+            message: "step is 1-based, got 0".into(),
+        });
+    }
+    let step = hp.step as f64;
+    Ok((
+        (1.0 - (hp.beta1 as f64).powf(step)) as f32,
+        (1.0 - (hp.beta2 as f64).powf(step)) as f32,
+    ))
+}
+
+/// [`crate::backend::Backend::adamw_tensors`]: every tensor in one launch of
+/// `adamw_tensors_vec8` when all qualify (`group_starts`: whole 8-element groups, aligned; f32
+/// param and moments), else one launch per tensor. The same math per element either way
+/// (`adamw_math`), so the same results.
+pub fn step_tensors(
+    be: &CudaBackend,
+    tensors: &mut [AdamWTensor<'_, CudaBuf>],
+    hp: AdamWStep,
+) -> Result<(), BackendError> {
+    const OP: &str = "adamw_tensors";
+    let (bc1, bc2) = bias_corrections(&hp, OP)?;
+    let mut bufs: Vec<(&CudaBuf, usize)> = Vec::with_capacity(4 * tensors.len());
+    let mut f32_state = true;
+    for t in tensors.iter() {
+        bufs.extend([(&*t.param, t.n), (t.grad, t.n), (&*t.m, t.n), (&*t.v, t.n)]);
+        if let Some(w) = t.working.as_deref() {
+            bufs.push((w, t.n));
+        }
+        f32_state &= [&*t.param, &*t.m, &*t.v]
+            .iter()
+            .all(|b| b.dtype() == DType::F32);
+    }
+    let starts = match group_starts(be, &bufs) {
+        Some(_) if f32_state && !tensors.is_empty() => {
+            let lens: Vec<(&CudaBuf, usize)> = tensors.iter().map(|t| (t.grad, t.n)).collect();
+            group_starts(be, &lens)
+        }
+        _ => None,
+    };
+    drop(bufs);
+    let Some(starts) = starts else {
+        return adamw_each(be, tensors, hp);
+    };
+    let descs: Vec<AdamWDesc> = tensors
+        .iter()
+        .map(|t| AdamWDesc {
+            param: be.raw(t.param),
+            m: be.raw(t.m),
+            v: be.raw(t.v),
+            grad: be.ten(t.grad),
+            working: be.ten_opt(t.working.as_deref()),
+            weight_decay: t.weight_decay,
+            pad: 0,
+        })
+        .collect();
+    let total8 = *starts.last().unwrap_or(&0) as usize;
+    if total8 == 0 {
+        return Ok(());
+    }
+    let d_descs = be.stream.clone_htod(&descs).map_err(drv(OP))?;
+    let d_starts = be.stream.clone_htod(&starts).map_err(drv(OP))?;
+    let count = tensors.len() as i32;
+    let AdamWStep {
+        lr,
+        beta1,
+        beta2,
+        eps,
+        grad_scale,
+        ..
+    } = hp;
+    // Checked (group_starts): every tensor's buffers hold its n = 8 (starts[k + 1] - starts[k])
+    // elements and are 16-byte aligned; param, m and v are f32.
+    launch(be, "adamw_tensors_vec8", grid_stride(total8), |a| {
+        a.arg(&d_descs).arg(&d_starts).arg(&count);
+        a.arg(&lr).arg(&beta1).arg(&beta2).arg(&eps);
+        a.arg(&grad_scale).arg(&bc1).arg(&bc2);
+    })
+}
+
+/// `sum_squares` of buffers that all qualify for one launch (`group_starts`): one partial per
+/// block of `sum_squares_tensors`, the grid a function of the sizes only, summed on the host in
+/// block order.
+fn sum_squares_tensors(
+    be: &CudaBackend,
+    bufs: &[(&CudaBuf, usize)],
+    starts: &[i64],
+) -> Result<f64, BackendError> {
+    const OP: &str = "sum_squares";
+    let total8 = *starts.last().unwrap_or(&0) as usize;
+    let blocks = ss_blocks(total8);
+    if blocks == 0 {
+        return Ok(0.0);
+    }
+    let tens: Vec<Ten> = bufs.iter().map(|&(b, _)| be.ten(b)).collect();
+    let d_tens = be.stream.clone_htod(&tens).map_err(drv(OP))?;
+    let d_starts = be.stream.clone_htod(starts).map_err(drv(OP))?;
+    let mut partials = unsafe { be.stream.alloc::<f64>(blocks) }.map_err(drv(OP))?;
+    let count = bufs.len() as i32;
+    let cfg = LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (SS_THREADS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // Checked (group_starts): buffer k holds 8 (starts[k + 1] - starts[k]) elements, 16-byte
+    // aligned; every block writes its partial.
+    launch(be, "sum_squares_tensors", cfg, |a| {
+        a.arg(&mut partials).arg(&d_tens).arg(&d_starts).arg(&count);
+    })?;
+    let mut host = vec![0.0f64; blocks];
+    be.stream
+        .memcpy_dtoh(&partials, &mut host)
+        .map_err(drv(OP))?;
+    be.stream.synchronize().map_err(drv(OP))?;
+    Ok(host.iter().sum())
+}
+
+/// One AdamW update of `n` elements of param, m, v (in place) from grad (f32 or bf16); with
+/// `working`, the new param is also stored there (rounded to its precision) by the same kernel.
 #[allow(clippy::too_many_arguments)]
 pub fn step(
     be: &CudaBackend,
     param: &mut CudaSlice<f32>,
-    grad: &CudaSlice<f32>,
+    grad: &CudaBuf,
     m: &mut CudaSlice<f32>,
     v: &mut CudaSlice<f32>,
     working: Option<&mut CudaBuf>,
@@ -94,19 +272,10 @@ pub fn step(
     need(OP, "grad [n]", grad.len(), n)?;
     need(OP, "m [n]", m.len(), n)?;
     need(OP, "v [n]", v.len(), n)?;
-    if hp.step == 0 {
-        return Err(BackendError::Shape {
-            op: OP,
-            message: "step is 1-based, got 0".into(),
-        });
-    }
+    let (bc1, bc2) = bias_corrections(&hp, OP)?;
     if n == 0 {
         return Ok(());
     }
-    // Bias corrections 1 - beta^step in f64 on the host, passed as f32.
-    let step = hp.step as f64;
-    let bc1 = (1.0 - (hp.beta1 as f64).powf(step)) as f32;
-    let bc2 = (1.0 - (hp.beta2 as f64).powf(step)) as f32;
     let n64 = n as i64;
     let AdamWStep {
         lr,
@@ -117,23 +286,23 @@ pub fn step(
         grad_scale,
         ..
     } = hp;
-    let aligned = [be.ptr(&*param), be.ptr(grad), be.ptr(&*m), be.ptr(&*v)]
+    let aligned = [be.ptr(&*param), be.raw(grad), be.ptr(&*m), be.ptr(&*v)]
         .iter()
         .all(|p| p.is_multiple_of(16))
         && working
             .as_deref()
             .is_none_or(|w| be.raw(w).is_multiple_of(16));
     if n.is_multiple_of(8) && aligned {
-        let tw = be.ten_opt(working.as_deref());
+        let (tg, tw) = (be.ten(grad), be.ten_opt(working.as_deref()));
         let n8 = n64 / 8;
         // Checked: every buffer holds n = 8 n8 and is 16-byte aligned.
         return launch(be, "adamw_step_vec8", grid_stride(n / 8), |a| {
-            a.arg(param).arg(grad).arg(m).arg(v).arg(&tw).arg(&n8);
+            a.arg(param).arg(&tg).arg(m).arg(v).arg(&tw).arg(&n8);
             a.arg(&lr).arg(&beta1).arg(&beta2).arg(&eps);
             a.arg(&weight_decay).arg(&grad_scale).arg(&bc1).arg(&bc2);
         });
     }
-    let tw = working.map(|w| be.ten(w));
+    let (tg, tw) = (be.ten(grad), working.map(|w| be.ten(w)));
     let name = if tw.is_some() {
         "adamw_step_copy"
     } else {
@@ -141,7 +310,7 @@ pub fn step(
     };
     // Checked: param, grad, m, v (and working) hold n; the kernel touches i < n.
     launch(be, name, grid_stride(n), |a| {
-        a.arg(param).arg(grad).arg(m).arg(v);
+        a.arg(param).arg(&tg).arg(m).arg(v);
         if let Some(tw) = &tw {
             a.arg(tw);
         }

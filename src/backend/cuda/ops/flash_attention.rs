@@ -20,10 +20,9 @@
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
-use super::need;
+use super::{need, set_smem};
 use crate::backend::cuda::{drv, launch, CudaBackend, CudaBuf, CudaIdx, DType};
 use crate::backend::{AttnDims, BackendError};
 
@@ -310,20 +309,6 @@ fn with_items<R>(
         .as_ref()
         .ok_or_else(|| shape(op, "work-list cache empty".into()))?;
     f(c)
-}
-
-fn set_smem(
-    be: &CudaBackend,
-    name: &str,
-    bytes: usize,
-    op: &'static str,
-) -> Result<(), BackendError> {
-    be.kernel(name)?
-        .set_attribute(
-            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            bytes as i32,
-        )
-        .map_err(drv(op))
 }
 
 fn blocks(n_items: usize, heads: usize, op: &'static str) -> Result<u32, BackendError> {

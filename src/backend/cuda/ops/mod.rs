@@ -14,7 +14,25 @@ pub mod rope;
 pub(crate) mod staging;
 pub mod swiglu;
 
+use cudarc::driver::sys::CUfunction_attribute_enum;
+
+use crate::backend::cuda::{drv, CudaBackend};
 use crate::backend::BackendError;
+
+/// Lets kernel `name` take `bytes` of dynamic shared memory (past the default 48 KB).
+pub(crate) fn set_smem(
+    be: &CudaBackend,
+    name: &str,
+    bytes: usize,
+    op: &'static str,
+) -> Result<(), BackendError> {
+    be.kernel(name)?
+        .set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as i32,
+        )
+        .map_err(drv(op))
+}
 
 /// `have >= need`, else a shape error naming the op and the buffer.
 pub(crate) fn need(

@@ -1,22 +1,33 @@
 //! RMSNorm forward and backward (kernels and math in `rmsnorm.cu`). dweight is reduced
-//! deterministically: per-block partials over blocks of `ROWS` rows into a scratch buffer,
-//! then added in block order (the CPU reference's order). The row kernels have `_vec8` twins
-//! (8 columns per lane, 16-byte accesses) chosen by C % 8 == 0 and alignment only (see
-//! `rmsnorm.cu`, "Row layouts").
+//! deterministically: per-block partials into a scratch buffer, then added in a fixed order.
+//! The row kernels have `_vec8` twins (8 columns per lane, 16-byte accesses) chosen by
+//! C % 8 == 0 and alignment only (see `rmsnorm.cu`, "Row layouts"); the backward's `_vec8`
+//! path also writes the dweight partials in its one pass over the rows.
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::elementwise::{dim_i32, prod, vec8_ok};
-use super::need;
-use crate::backend::cuda::{drv, grid_1d, launch, CudaBackend, CudaBuf};
+use super::{need, set_smem};
+use crate::backend::cuda::{drv, launch, CudaBackend, CudaBuf};
 use crate::backend::{Backend, BackendError, GradWrite};
 
 /// Rows per dweight partial; must equal `RMSNORM_ROWS` in `rmsnorm.cu`.
 const ROWS: usize = 256;
 /// Warps (rows) per block of the row kernels.
 const ROW_WARPS: usize = 8;
-/// Threads (columns) per block of the dweight kernels.
+/// Threads (columns) per block of the dweight partial kernel.
 const COL_THREADS: u32 = 128;
+/// The fused backward: warps per block and rows per block; must equal `RMSNORM_FUSED_WARPS`
+/// and `RMSNORM_FUSED_ROWS` in `rmsnorm.cu`.
+const FUSED_WARPS: usize = 4;
+const FUSED_ROWS: usize = 32;
+/// Its shared memory (one row of C floats per warp, 96 KB at C = 6144) stays within what
+/// every GPU since sm_80 gives a block; wider rows take the two-pass path.
+const MAX_SMEM_BYTES: usize = 96 * 1024;
+/// The reduce's block: columns x lanes per column; must equal `RMSNORM_REDUCE_COLS` and
+/// `RMSNORM_REDUCE_LANES` in `rmsnorm.cu`.
+const REDUCE_COLS: usize = 32;
+const REDUCE_LANES: u32 = 32;
 
 /// One warp per row: blocks of `ROW_WARPS` warps.
 fn warp_per_row(t: usize) -> LaunchConfig {
@@ -25,6 +36,17 @@ fn warp_per_row(t: usize) -> LaunchConfig {
         block_dim: (32 * ROW_WARPS as u32, 1, 1),
         shared_mem_bytes: 0,
     }
+}
+
+/// A grid of `n` blocks along x.
+fn grid_x(n: usize) -> Result<u32, BackendError> {
+    u32::try_from(n)
+        .ok()
+        .filter(|&n| n < i32::MAX as u32)
+        .ok_or_else(|| BackendError::Shape {
+            op: "rmsnorm_backward",
+            message: format!("{n} blocks is too many for a grid"),
+        })
 }
 
 /// out `[T, C]` and rstd `[T]` overwritten.
@@ -112,54 +134,86 @@ pub fn backward(
     // Also checked for `_vec8`: C % 8 == 0 and 16-byte aligned dx, dx_copy, dout, x, weight.
     let vec8 =
         vec8_ok(be, c, &[dx, dout, x, weight]) && dx_copy.is_none_or(|cp| vec8_ok(be, c, &[cp]));
-    let name = if vec8 {
-        "rmsnorm_backward_dx_vec8"
+    let fused_smem = FUSED_WARPS * c * std::mem::size_of::<f32>();
+    let (partial, blocks) = if vec8 && fused_smem <= MAX_SMEM_BYTES {
+        // dx and the dweight partials in one pass (`rmsnorm.cu`, rmsnorm_backward_vec8).
+        let blocks = t.div_ceil(FUSED_ROWS);
+        let mut partial = unsafe { be.stream.alloc::<f32>(blocks * c) }.map_err(drv(OP))?;
+        if fused_smem > 48 * 1024 {
+            set_smem(be, "rmsnorm_backward_vec8", fused_smem, OP)?;
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (grid_x(blocks)?, 1, 1),
+            block_dim: (32 * FUSED_WARPS as u32, 1, 1),
+            shared_mem_bytes: fused_smem as u32,
+        };
+        // Checked: partial holds ceil(T / FUSED_ROWS) C (allocated above; every element
+        // written), dx, dx_copy, dout, x T C, weight C, rstd T; C % 8 == 0 and alignment.
+        launch(be, "rmsnorm_backward_vec8", cfg, |a| {
+            a.arg(&mut partial)
+                .arg(&tdx)
+                .arg(&tcp)
+                .arg(&tdo)
+                .arg(&tx)
+                .arg(&tw)
+                .arg(&tr)
+                .arg(&t32)
+                .arg(&c32);
+        })?;
+        (partial, blocks)
     } else {
-        "rmsnorm_backward_dx"
+        let name = if vec8 {
+            "rmsnorm_backward_dx_vec8"
+        } else {
+            "rmsnorm_backward_dx"
+        };
+        launch(be, name, warp_per_row(t), |a| {
+            a.arg(&tdx)
+                .arg(&tcp)
+                .arg(&tdo)
+                .arg(&tx)
+                .arg(&tw)
+                .arg(&tr)
+                .arg(&t32)
+                .arg(&c32);
+        })?;
+        let blocks = t.div_ceil(ROWS);
+        if blocks > 65_535 {
+            return Err(BackendError::Shape {
+                op: OP,
+                message: format!(
+                    "T = {t} needs {blocks} dweight partials, more than a grid's 65535"
+                ),
+            });
+        }
+        let mut partial = unsafe { be.stream.alloc::<f32>(blocks * c) }.map_err(drv(OP))?;
+        let cfg = LaunchConfig {
+            grid_dim: (c.div_ceil(COL_THREADS as usize) as u32, blocks as u32, 1),
+            block_dim: (COL_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // Checked: partial holds ceil(T / ROWS) C (allocated above; every element written),
+        // dout and x T C, rstd T.
+        launch(be, "rmsnorm_backward_dweight_partial", cfg, |a| {
+            a.arg(&mut partial)
+                .arg(&tdo)
+                .arg(&tx)
+                .arg(&tr)
+                .arg(&t32)
+                .arg(&c32);
+        })?;
+        (partial, blocks)
     };
-    launch(be, name, warp_per_row(t), |a| {
-        a.arg(&tdx)
-            .arg(&tcp)
-            .arg(&tdo)
-            .arg(&tx)
-            .arg(&tw)
-            .arg(&tr)
-            .arg(&t32)
-            .arg(&c32);
-    })?;
-
-    let blocks = t.div_ceil(ROWS);
-    let blocks32 = dim_i32(OP, "T / 256 (dweight partials)", blocks)?;
-    if blocks > 65_535 {
-        return Err(BackendError::Shape {
-            op: OP,
-            message: format!("T = {t} needs {blocks} dweight partials, more than a grid's 65535"),
-        });
-    }
-    let mut partial = be.stream.alloc_zeros::<f32>(blocks * c).map_err(drv(OP))?;
+    let blocks32 = dim_i32(OP, "dweight partials", blocks)?;
     let cfg = LaunchConfig {
-        grid_dim: (c.div_ceil(COL_THREADS as usize) as u32, blocks as u32, 1),
-        block_dim: (COL_THREADS, 1, 1),
+        grid_dim: (grid_x(c.div_ceil(REDUCE_COLS))?, 1, 1),
+        block_dim: (REDUCE_COLS as u32, REDUCE_LANES, 1),
         shared_mem_bytes: 0,
     };
-    // Checked: partial holds ceil(T / ROWS) C (allocated above), dout and x T C, rstd T.
-    launch(be, "rmsnorm_backward_dweight_partial", cfg, |a| {
-        a.arg(&mut partial)
-            .arg(&tdo)
-            .arg(&tx)
-            .arg(&tr)
-            .arg(&t32)
-            .arg(&c32);
-    })?;
-    // Checked: dweight holds C, partial ceil(T / ROWS) C.
-    launch(
-        be,
-        "rmsnorm_backward_dweight_reduce",
-        grid_1d(c, COL_THREADS),
-        |a| {
-            a.arg(&tdw).arg(&partial).arg(&blocks32).arg(&c32);
-        },
-    )
+    // Checked: dweight holds C, partial `blocks` C.
+    launch(be, "rmsnorm_backward_dweight_reduce", cfg, |a| {
+        a.arg(&tdw).arg(&partial).arg(&blocks32).arg(&c32);
+    })
     // `partial` is freed stream-ordered (cuMemFreeAsync) after the reduce.
 }
 
@@ -169,14 +223,22 @@ mod tests {
     use crate::backend::cuda::DType;
     use crate::backend::{Backend, GradWrite};
 
-    /// CUDA against the CPU on a GPU only; T = 2 ROWS + 45 (three dweight partials, the last
-    /// ragged), C = 100. Tolerance 1e-5 relative: both sum ~100 or ~256 f32 terms in
+    /// CUDA against the CPU on a GPU only; T = 2 ROWS + 45 (three two-pass dweight
+    /// partials, the last ragged; 18 fused ones, ragged too), C = 100 (the scalar kernels and
+    /// the two-pass dweight) and C = 264 (the fused `_vec8` backward, its last 256-column
+    /// chunk one lane wide). Tolerance 1e-5 relative: both sum ~100 or ~256 f32 terms in
     /// different orders (warp tree vs sequential), a few ulp each.
     #[test]
     #[ignore = "needs a CUDA GPU"]
     fn cuda_rmsnorm_matches_cpu() {
+        for c in [100, 264] {
+            rmsnorm_matches_cpu(c);
+        }
+    }
+
+    fn rmsnorm_matches_cpu(c: usize) {
         let (be, cpu, mut rng) = setup(52);
-        let (t, c, eps) = (2 * super::ROWS + 45, 100, 1e-5);
+        let (t, eps) = (2 * super::ROWS + 45, 1e-5);
         let (x, w, dout) = (
             randv(&mut rng, t * c),
             randv(&mut rng, c),
@@ -191,8 +253,18 @@ mod tests {
             (up(&be, &vec![f32::NAN; t * c]), up(&be, &vec![f32::NAN; t]));
         be.rmsnorm_forward(&mut out_g, &mut rstd_g, &xg, &wg, t, c, eps)
             .unwrap();
-        close("rmsnorm out", &down(&be, &out_g, t * c), &out_c, 1e-5);
-        close("rmsnorm rstd", &down(&be, &rstd_g, t), &rstd_c, 1e-5);
+        close(
+            &format!("rmsnorm out (C = {c})"),
+            &down(&be, &out_g, t * c),
+            &out_c,
+            1e-5,
+        );
+        close(
+            &format!("rmsnorm rstd (C = {c})"),
+            &down(&be, &rstd_g, t),
+            &rstd_c,
+            1e-5,
+        );
         let (mut dx_c, mut dw_c) = (dx0.clone(), dw0.clone());
         cpu.rmsnorm_backward(
             &mut dx_c,
@@ -223,8 +295,18 @@ mod tests {
             GradWrite::Add,
         )
         .unwrap();
-        close("rmsnorm dx", &down(&be, &dx_g, t * c), &dx_c, 1e-5);
-        close("rmsnorm dweight", &down(&be, &dw_g, c), &dw_c, 1e-5);
+        close(
+            &format!("rmsnorm dx (C = {c})"),
+            &down(&be, &dx_g, t * c),
+            &dx_c,
+            1e-5,
+        );
+        close(
+            &format!("rmsnorm dweight (C = {c})"),
+            &down(&be, &dw_g, c),
+            &dw_c,
+            1e-5,
+        );
         let mut converted = be.alloc_dtype(t * c, DType::Bf16).unwrap();
         be.copy(&mut converted, &dx_g, t * c).unwrap();
         assert_eq!(

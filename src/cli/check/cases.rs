@@ -497,15 +497,7 @@ fn op_list<B: Backend>(c: &mut Cases<B>) {
             };
             let (mut p, gb) = (io.full(&p0)?, io.full(&g)?);
             let (mut m, mut v) = (io.full(&m0)?, io.full(&v0)?);
-            let hp = AdamWStep {
-                lr: 3e-4,
-                beta1: 0.9,
-                beta2: 0.95,
-                eps: 1e-8,
-                weight_decay: 0.1,
-                grad_scale: 0.7,
-                step,
-            };
+            let hp = check_adamw_step(0.1, step);
             io.be.adamw(&mut p, &gb, &mut m, &mut v, n, hp)?;
             io.output("param", &p, n)?;
             io.output("m", &m, n)?;
@@ -539,15 +531,7 @@ fn op_list<B: Backend>(c: &mut Cases<B>) {
                 let mut p = io.full(&p0)?;
                 let (mut m, mut v) = (io.full(&m0)?, io.full(&v0)?);
                 let mut w = io.poisoned(n)?;
-                let hp = AdamWStep {
-                    lr: 3e-4,
-                    beta1: 0.9,
-                    beta2: 0.95,
-                    eps: 1e-8,
-                    weight_decay: 0.1,
-                    grad_scale: 0.7,
-                    step: 3,
-                };
+                let hp = check_adamw_step(0.1, 3);
                 io.be
                     .adamw_with_copy(&mut p, &gb, &mut m, &mut v, &mut w, n, hp)?;
                 io.output("param", &p, n)?;
@@ -601,15 +585,7 @@ fn op_list<B: Backend>(c: &mut Cases<B>) {
                     weight_decay: 0.05 * k as f32,
                 })
                 .collect();
-            let hp = AdamWStep {
-                lr: 3e-4,
-                beta1: 0.9,
-                beta2: 0.95,
-                eps: 1e-8,
-                weight_decay: 0.0,
-                grad_scale: 0.7,
-                step: 5,
-            };
+            let hp = check_adamw_step(0.0, 5);
             io.be.adamw_tensors(&mut tensors, hp)?;
             drop(tensors);
             for (k, ((p, _, m, v, w), n)) in bufs.iter().zip(sizes).enumerate() {
@@ -634,6 +610,19 @@ fn op_list<B: Backend>(c: &mut Cases<B>) {
     c.case("model[forward]", "model", |io| {
         model_case(io, ModelOutputs::Forward)
     });
+}
+
+/// The AdamW hyper-parameters of the optimizer cases, with weight decay `wd` at step `step`.
+fn check_adamw_step(wd: f32, step: u64) -> AdamWStep {
+    AdamWStep {
+        lr: 3e-4,
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: wd,
+        grad_scale: 0.7,
+        step,
+    }
 }
 
 /// `x` rounded to bf16 (nearest even) and widened back: values a bf16 buffer holds exactly.

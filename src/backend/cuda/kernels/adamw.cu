@@ -83,27 +83,35 @@ __device__ __forceinline__ void st8f(float* p, long long e, const float x[8]) {
     q[1] = make_float4(x[4], x[5], x[6], x[7]);
 }
 
+// Elements e .. e + 8 of one tensor (the vec8 kernels' step).
+__device__ __forceinline__ void adamw_eight(float* param, Ten grad, float* m, float* v,
+                                            Ten working, long long e, float lr,
+                                            float beta1, float beta2, float eps,
+                                            float weight_decay, float grad_scale, float bc1,
+                                            float bc2) {
+    float p[8], g[8], mi[8], vi[8];
+    ld8f(param, e, p);
+    ld8(grad, e, g);
+    ld8f(m, e, mi);
+    ld8f(v, e, vi);
+#pragma unroll
+    for (int k = 0; k < 8; ++k)
+        adamw_math(p[k], g[k], mi[k], vi[k], lr, beta1, beta2, eps, weight_decay, grad_scale,
+                   bc1, bc2);
+    st8f(param, e, p);
+    st8f(m, e, mi);
+    st8f(v, e, vi);
+    if (working.p) st8(working, e, p);
+}
+
 extern "C" __global__ void adamw_step_vec8(float* param, Ten grad, float* m, float* v,
                                            Ten working, long long n8, float lr, float beta1,
                                            float beta2, float eps, float weight_decay,
                                            float grad_scale, float bc1, float bc2) {
     long long stride = (long long)gridDim.x * blockDim.x;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n8; i += stride) {
-        const long long e = i * 8;
-        float p[8], g[8], mi[8], vi[8];
-        ld8f(param, e, p);
-        ld8(grad, e, g);
-        ld8f(m, e, mi);
-        ld8f(v, e, vi);
-#pragma unroll
-        for (int k = 0; k < 8; ++k)
-            adamw_math(p[k], g[k], mi[k], vi[k], lr, beta1, beta2, eps, weight_decay, grad_scale,
-                       bc1, bc2);
-        st8f(param, e, p);
-        st8f(m, e, mi);
-        st8f(v, e, vi);
-        if (working.p) st8(working, e, p);
-    }
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n8; i += stride)
+        adamw_eight(param, grad, m, v, working, i * 8, lr, beta1, beta2, eps, weight_decay,
+                    grad_scale, bc1, bc2);
 }
 
 __device__ __forceinline__ double warp_sum_f64(double v) {
@@ -210,33 +218,27 @@ __device__ __forceinline__ int tensor_of(const long long* starts8, int k, long l
     return k;
 }
 
+// starts8[0 ..= n] into the block's shared copy; returns the total number of groups.
+__device__ __forceinline__ long long load_starts(long long* s_starts, const long long* starts8,
+                                                 int n) {
+    for (int k = threadIdx.x; k <= n; k += blockDim.x) s_starts[k] = starts8[k];
+    __syncthreads();
+    return s_starts[n];
+}
+
 extern "C" __global__ void adamw_tensors_vec8(const AdamWDesc* descs, const long long* starts8,
                                               int ntensors, float lr, float beta1, float beta2,
                                               float eps, float grad_scale, float bc1,
                                               float bc2) {
     __shared__ long long s_starts[ADAMW_MAX_TENSORS + 1];
-    for (int k = threadIdx.x; k <= ntensors; k += blockDim.x) s_starts[k] = starts8[k];
-    __syncthreads();
-    const long long total8 = s_starts[ntensors];
+    const long long total8 = load_starts(s_starts, starts8, ntensors);
     long long stride = (long long)gridDim.x * blockDim.x;
     int k = 0;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total8; i += stride) {
         k = tensor_of(s_starts, k, i);
         const AdamWDesc& d = descs[k];
-        const long long e = (i - s_starts[k]) * 8;
-        float p[8], g[8], mi[8], vi[8];
-        ld8f(d.param, e, p);
-        ld8(d.grad, e, g);
-        ld8f(d.m, e, mi);
-        ld8f(d.v, e, vi);
-#pragma unroll
-        for (int j = 0; j < 8; ++j)
-            adamw_math(p[j], g[j], mi[j], vi[j], lr, beta1, beta2, eps, d.weight_decay,
-                       grad_scale, bc1, bc2);
-        st8f(d.param, e, p);
-        st8f(d.m, e, mi);
-        st8f(d.v, e, vi);
-        if (d.working.p) st8(d.working, e, p);
+        adamw_eight(d.param, d.grad, d.m, d.v, d.working, (i - s_starts[k]) * 8, lr, beta1,
+                    beta2, eps, d.weight_decay, grad_scale, bc1, bc2);
     }
 }
 
@@ -246,9 +248,7 @@ extern "C" __global__ void adamw_tensors_vec8(const AdamWDesc* descs, const long
 extern "C" __global__ void sum_squares_tensors(double* partials, const Ten* bufs,
                                                const long long* starts8, int ntensors) {
     __shared__ long long s_starts[ADAMW_MAX_TENSORS + 1];
-    for (int k = threadIdx.x; k <= ntensors; k += blockDim.x) s_starts[k] = starts8[k];
-    __syncthreads();
-    const long long total8 = s_starts[ntensors];
+    const long long total8 = load_starts(s_starts, starts8, ntensors);
     long long stride = (long long)gridDim.x * blockDim.x;
     int k = 0;
     double acc = 0.0;

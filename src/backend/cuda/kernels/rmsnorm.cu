@@ -116,11 +116,12 @@ extern "C" __global__ void rmsnorm_backward_dx(Ten dx, Ten dx_copy, Ten dout, Te
     }
 }
 
-extern "C" __global__ void rmsnorm_backward_dx_vec8(Ten dx, Ten dx_copy, Ten dout, Ten x,
-                                                    Ten weight, Ten rstd, int T, int C) {
-    int warps = blockDim.x >> 5, lane = threadIdx.x & 31;
-    int t = blockIdx.x * warps + (threadIdx.x >> 5);
-    if (t >= T) return;
+// One row t of the `_vec8` backward (one warp): dx += ..., dx_copy = dx; with dw_row (this
+// warp's shared row of C floats) also dw_row[c] += g x rstd.
+__device__ __forceinline__ void rmsnorm_backward_row_vec8(Ten dx, Ten dx_copy, Ten dout, Ten x,
+                                                          Ten weight, Ten rstd, int t, int C,
+                                                          float* dw_row) {
+    int lane = threadIdx.x & 31;
     long long row = (long long)t * C;
     float g[8], w[8], v[8], d[8];
     // sum_k g[k] w[k] x[k]
@@ -142,10 +143,21 @@ extern "C" __global__ void rmsnorm_backward_dx_vec8(Ten dx, Ten dx_copy, Ten dou
         ld8(weight, c, w);
         ld8(x, i, v);
 #pragma unroll
-        for (int j = 0; j < 8; j++) d[j] = rnd(dx, d[j] + rs * g[j] * w[j] - k * v[j]);
+        for (int j = 0; j < 8; j++) {
+            d[j] = rnd(dx, d[j] + rs * g[j] * w[j] - k * v[j]);
+            if (dw_row) dw_row[c + j] += g[j] * v[j] * rs;
+        }
         st8(dx, i, d);  // already rounded: stored exactly
         if (dx_copy.p) st8(dx_copy, i, d);
     }
+}
+
+extern "C" __global__ void rmsnorm_backward_dx_vec8(Ten dx, Ten dx_copy, Ten dout, Ten x,
+                                                    Ten weight, Ten rstd, int T, int C) {
+    int warps = blockDim.x >> 5;
+    int t = blockIdx.x * warps + (threadIdx.x >> 5);
+    if (t >= T) return;
+    rmsnorm_backward_row_vec8(dx, dx_copy, dout, x, weight, rstd, t, C, nullptr);
 }
 
 // partial: an f32 [ceil(T / RMSNORM_FUSED_ROWS), C] scratch, every element overwritten; dynamic
@@ -160,38 +172,9 @@ extern "C" __global__ void __launch_bounds__(32 * RMSNORM_FUSED_WARPS)
 #pragma unroll
         for (int j = 0; j < 8; j++) mine[c + j] = 0.0f;
     }
-    float g[8], w[8], v[8], d[8];
     int t0 = blockIdx.x * RMSNORM_FUSED_ROWS;
-    for (int r = warp; r < RMSNORM_FUSED_ROWS && t0 + r < T; r += RMSNORM_FUSED_WARPS) {
-        int t = t0 + r;
-        long long row = (long long)t * C;
-        // sum_k g[k] w[k] x[k]
-        float dot = 0.0f;
-        for (int c = lane * 8; c < C; c += 256) {
-            ld8(dout, row + c, g);
-            ld8(weight, c, w);
-            ld8(x, row + c, v);
-#pragma unroll
-            for (int j = 0; j < 8; j++) dot += g[j] * w[j] * v[j];
-        }
-        dot = warp_sum(dot);
-        float rs = ld(rstd, t);
-        float k = rs * rs * rs * dot * (1.0f / (float)C);
-        for (int c = lane * 8; c < C; c += 256) {
-            long long i = row + c;
-            ld8(dx, i, d);
-            ld8(dout, i, g);
-            ld8(weight, c, w);
-            ld8(x, i, v);
-#pragma unroll
-            for (int j = 0; j < 8; j++) {
-                d[j] = rnd(dx, d[j] + rs * g[j] * w[j] - k * v[j]);
-                mine[c + j] += g[j] * v[j] * rs;
-            }
-            st8(dx, i, d);  // already rounded: stored exactly
-            if (dx_copy.p) st8(dx_copy, i, d);
-        }
-    }
+    for (int r = warp; r < RMSNORM_FUSED_ROWS && t0 + r < T; r += RMSNORM_FUSED_WARPS)
+        rmsnorm_backward_row_vec8(dx, dx_copy, dout, x, weight, rstd, t0 + r, C, mine);
     __syncthreads();
     for (int c = threadIdx.x; c < C; c += blockDim.x) {
         float s = 0.0f;

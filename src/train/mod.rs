@@ -22,7 +22,7 @@ use crate::model::{DeviceBatch, Llama, ParamLayout};
 use crate::packing::{self, PackedBatch, PackingError, Plan, PlanParams};
 
 use checkpoint::{CheckpointError, TrainState};
-use grad_sync::{cuda_grad_sync, moments_on_root, AbortOnError, GradSync, HostStaged};
+use grad_sync::{cuda_grad_sync, AbortOnError, GradSync, HostStaged};
 use metrics::{MetricsLog, RunSummary, StepMetrics};
 use optimizer::{AdamW, HostMoments};
 
@@ -458,7 +458,9 @@ pub fn run_with<B: Backend>(
             if let Some(sh) = &shards {
                 sync.masters_current(be, comm, &layout, model.update_view().0, sh)?;
             }
-            if let Some(moments) = moments_on_root(be, comm, &layout, &opt, shards.as_deref())? {
+            if let Some(moments) =
+                sync.moments_on_root(be, comm, &layout, &opt, shards.as_deref())?
+            {
                 save_checkpoint(be, &opts.run_dir, cfg, &model, &moments, &state)?;
             }
         }
@@ -475,7 +477,7 @@ pub fn run_with<B: Backend>(
     // ------------------------------------------------------------ the end of the run
     let final_moments = match steps_here {
         0 => None,
-        _ => moments_on_root(be, comm, &layout, &opt, shards.as_deref())?,
+        _ => sync.moments_on_root(be, comm, &layout, &opt, shards.as_deref())?,
     };
     if let Some(moments) = final_moments {
         let dir = save_checkpoint(be, &opts.run_dir, cfg, &model, &moments, &state)?;

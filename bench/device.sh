@@ -164,7 +164,8 @@ for m in models:
         notes.append(f"{m}: packtrain failed: {o['error'].splitlines()[0][:300]}")
     if ok(o):
         notes.append(f"{m}: packtrain {o['device']}, recompute {o['recompute']}, gemm "
-                     f"{o['gemm']}, step {o['step_ms_median']:.1f} ms median, "
+                     f"{o['gemm']}, weight gradients {o.get('weight_grads', 'not recorded')}, "
+                     f"step {o['step_ms_median']:.1f} ms median, "
                      f"{o['step_ms_mean']:.1f} mean (fwd+bwd {o['fwd_bwd_ms_median']:.1f}, "
                      f"grad norm {o['grad_norm_ms_median']:.1f}, adamw "
                      f"{o['adamw_ms_median']:.1f}), all-steps {o['tokens_per_s_all_steps']:,.0f} "

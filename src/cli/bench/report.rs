@@ -39,6 +39,8 @@ pub struct BenchResult {
     pub recompute: bool,
     /// How cuBLAS multiplies (PACKTRAIN_GEMM).
     pub gemm: String,
+    /// The precision of the layers' weight gradients (`train.bf16_grads`).
+    pub weight_grads: &'static str,
     pub attention: &'static str,
     pub tokens_per_micro_batch: usize,
     pub warmup: usize,
@@ -126,6 +128,7 @@ pub fn summarise(
         params: n_params,
         recompute,
         gemm: std::env::var("PACKTRAIN_GEMM").unwrap_or_else(|_| "bf16".into()),
+        weight_grads: times.weight_grads,
         attention: "packtrain varlen (cu_seqlens)",
         tokens_per_micro_batch: cfg.packing.tokens_per_micro_batch,
         warmup,

@@ -143,6 +143,9 @@ pub struct StepTimes {
     pub losses: Vec<f64>,
     /// Largest memory reading, minus the baseline (bytes); 0 when there is no probe.
     pub peak_mem: u64,
+    /// The precision of the layers' weight gradients (`train.bf16_grads`, on a backend that
+    /// computes in bf16).
+    pub weight_grads: &'static str,
 }
 
 /// Run `batches.len()` training steps of `cfg` on `be`, each on its own batch; `mem` reads
@@ -187,6 +190,10 @@ pub fn run_steps<B: Backend>(
         adamw: Vec::new(),
         losses: Vec::new(),
         peak_mem: 0,
+        weight_grads: match cfg.train.bf16_grads && !be.activations_are_f32() {
+            true => "bf16",
+            false => "f32",
+        },
     };
     let tc = &cfg.train;
     for packed in batches {
@@ -276,6 +283,9 @@ mod tests {
         );
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json["impl"], "packtrain");
+        // The CPU computes in f32, so its gradients stay f32 whatever train.bf16_grads says.
+        assert!(cfg.train.bf16_grads);
+        assert_eq!(json["weight_grads"], "f32");
         // init_weights follows the layout and is deterministic.
         let layout = ParamLayout::new(&cfg.model);
         let w = init_weights(&layout, &cfg.model, 3);

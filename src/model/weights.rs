@@ -328,6 +328,27 @@ mod tests {
         assert!(e.contains("shape"), "{e}");
     }
 
+    /// Writing where no file can be created (a missing directory), and a tensor whose data
+    /// does not fill its shape: errors naming the path, and no file left behind.
+    #[test]
+    fn unwritable_path_and_short_tensor_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = |n: usize| HostTensor {
+            name: "w".into(),
+            shape: vec![2, 3],
+            data: vec![1.0; n],
+        };
+        let path = dir.path().join("missing").join("m.safetensors");
+        let e = save_safetensors(&path, &[t(6)]).unwrap_err().to_string();
+        assert!(e.contains("missing") && e.contains("writing"), "{e}");
+        let path = dir.path().join("m.safetensors");
+        let e = save_safetensors(&path, &[t(5)]).unwrap_err().to_string();
+        assert!(e.contains("m.safetensors") && e.contains('w'), "{e}");
+        assert!(!path.exists());
+        save_safetensors(&path, &[t(6)]).unwrap();
+        assert_eq!(load_safetensors(&path).unwrap()["w"].data, vec![1.0; 6]);
+    }
+
     #[test]
     fn not_a_safetensors_file() {
         let dir = tempfile::tempdir().unwrap();

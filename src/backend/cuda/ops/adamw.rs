@@ -46,10 +46,9 @@ pub fn sum_squares(be: &CudaBackend, bufs: &[(&CudaBuf, usize)]) -> Result<f64, 
     for (i, &(buf, len)) in bufs.iter().enumerate() {
         need(OP, &format!("buffer {i} [len]"), buf.len(), len)?;
     }
-    if bufs.len() > 1 {
-        if let Some(starts) = group_starts(be, bufs) {
-            return sum_squares_tensors(be, bufs, &starts);
-        }
+    if bufs.len() > 1 && bufs.len() <= MAX_TENSORS && whole_groups(be, bufs) {
+        let starts = group_starts(bufs.iter().map(|&(_, len)| len));
+        return sum_squares_tensors(be, bufs, &starts);
     }
     let blocks: Vec<usize> = bufs.iter().map(|&(_, len)| ss_blocks(len)).collect();
     let total: usize = blocks.iter().sum();
@@ -71,29 +70,18 @@ pub fn sum_squares(be: &CudaBackend, bufs: &[(&CudaBuf, usize)]) -> Result<f64, 
         let mut view = partials.slice_mut(off..off + nb);
         // 16-byte loads when whole vectors cover the buffer (allocations are 256-byte aligned).
         let aligned = be.raw(buf).is_multiple_of(16);
+        // The kernel and its count of thread steps (a float4, 8 bf16 or one element each).
+        let (name, count) = match (buf.dtype(), aligned) {
+            (DType::F32, true) if len.is_multiple_of(4) => ("sum_squares_partial_vec4", n64 / 4),
+            (DType::F32, _) => ("sum_squares_partial", n64),
+            (DType::Bf16, true) if len.is_multiple_of(8) => ("sum_squares_partial_bf16x8", n64 / 8),
+            (DType::Bf16, _) => ("sum_squares_partial_bf16", n64),
+        };
+        let x = be.raw(buf);
         // Checked: buf holds len; the view holds exactly this launch's nb blocks.
-        match buf {
-            CudaBuf::F32(x) => {
-                let (name, count) = if len.is_multiple_of(4) && aligned {
-                    ("sum_squares_partial_vec4", n64 / 4)
-                } else {
-                    ("sum_squares_partial", n64)
-                };
-                launch(be, name, cfg, |a| {
-                    a.arg(&mut view).arg(x).arg(&count);
-                })?
-            }
-            CudaBuf::Bf16(x) => {
-                let (name, count) = if len.is_multiple_of(8) && aligned {
-                    ("sum_squares_partial_bf16x8", n64 / 8)
-                } else {
-                    ("sum_squares_partial_bf16", n64)
-                };
-                launch(be, name, cfg, |a| {
-                    a.arg(&mut view).arg(x).arg(&count);
-                })?
-            }
-        }
+        launch(be, name, cfg, |a| {
+            a.arg(&mut view).arg(&x).arg(&count);
+        })?;
         off += nb;
     }
     let mut host = vec![0.0f64; total];
@@ -110,24 +98,23 @@ pub fn sum_squares(be: &CudaBackend, bufs: &[(&CudaBuf, usize)]) -> Result<f64, 
     Ok(sum)
 }
 
-/// The 8-element group each buffer starts at when `lens` are numbered one after the other,
-/// and the total at the end; `None` unless every buffer holds its `len` (a multiple of 8) and
-/// is 16-byte aligned and there are at most `MAX_TENSORS`: then the per-tensor kernels run.
-fn group_starts(be: &CudaBackend, bufs: &[(&CudaBuf, usize)]) -> Option<Vec<i64>> {
-    if bufs.len() > MAX_TENSORS {
-        return None;
-    }
-    let mut starts = Vec::with_capacity(bufs.len() + 1);
+/// Whether one multi-tensor launch may cover these buffers: each holds its `len`, a multiple of
+/// 8, and starts 16-byte aligned (else the per-tensor kernels run).
+fn whole_groups(be: &CudaBackend, bufs: &[(&CudaBuf, usize)]) -> bool {
+    bufs.iter()
+        .all(|&(b, len)| len.is_multiple_of(8) && b.len() >= len && be.raw(b).is_multiple_of(16))
+}
+
+/// The 8-element group each of `lens` starts at when they are numbered one after the other,
+/// and the total at the end.
+fn group_starts(lens: impl Iterator<Item = usize>) -> Vec<i64> {
+    let mut starts = vec![0i64];
     let mut at = 0i64;
-    starts.push(at);
-    for &(b, len) in bufs {
-        if !len.is_multiple_of(8) || b.len() < len || !be.raw(b).is_multiple_of(16) {
-            return None;
-        }
+    for len in lens {
         at += (len / 8) as i64;
         starts.push(at);
     }
-    Some(starts)
+    starts
 }
 
 /// Bias corrections 1 - beta^step, in f64 on the host and passed as f32.
@@ -146,8 +133,8 @@ fn bias_corrections(hp: &AdamWStep, op: &'static str) -> Result<(f32, f32), Back
 }
 
 /// [`crate::backend::Backend::adamw_tensors`]: every tensor in one launch of
-/// `adamw_tensors_vec8` when all qualify (`group_starts`: whole 8-element groups, aligned; f32
-/// param and moments), else one launch per tensor. The same math per element either way
+/// `adamw_tensors_vec8` when all qualify (`whole_groups`: whole 8-element groups, aligned; f32
+/// param and moments; at most `MAX_TENSORS`), else one launch per tensor. The same math per element either way
 /// (`adamw_math`), so the same results.
 pub fn step_tensors(
     be: &CudaBackend,
@@ -167,17 +154,13 @@ pub fn step_tensors(
             .iter()
             .all(|b| b.dtype() == DType::F32);
     }
-    let starts = match group_starts(be, &bufs) {
-        Some(_) if f32_state && !tensors.is_empty() => {
-            let lens: Vec<(&CudaBuf, usize)> = tensors.iter().map(|t| (t.grad, t.n)).collect();
-            group_starts(be, &lens)
-        }
-        _ => None,
-    };
+    let one_launch =
+        f32_state && !tensors.is_empty() && tensors.len() <= MAX_TENSORS && whole_groups(be, &bufs);
     drop(bufs);
-    let Some(starts) = starts else {
+    if !one_launch {
         return adamw_each(be, tensors, hp);
-    };
+    }
+    let starts = group_starts(tensors.iter().map(|t| t.n));
     let descs: Vec<AdamWDesc> = tensors
         .iter()
         .map(|t| AdamWDesc {
@@ -205,7 +188,7 @@ pub fn step_tensors(
         grad_scale,
         ..
     } = hp;
-    // Checked (group_starts): every tensor's buffers hold its n = 8 (starts[k + 1] - starts[k])
+    // Checked (whole_groups): every tensor's buffers hold its n = 8 (starts[k + 1] - starts[k])
     // elements and are 16-byte aligned; param, m and v are f32.
     launch(be, "adamw_tensors_vec8", grid_stride(total8), |a| {
         a.arg(&d_descs).arg(&d_starts).arg(&count);
@@ -214,7 +197,7 @@ pub fn step_tensors(
     })
 }
 
-/// `sum_squares` of buffers that all qualify for one launch (`group_starts`): one partial per
+/// `sum_squares` of buffers that all qualify for one launch (`whole_groups`): one partial per
 /// block of `sum_squares_tensors`, the grid a function of the sizes only, summed on the host in
 /// block order.
 fn sum_squares_tensors(
@@ -238,7 +221,7 @@ fn sum_squares_tensors(
         block_dim: (SS_THREADS as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    // Checked (group_starts): buffer k holds 8 (starts[k + 1] - starts[k]) elements, 16-byte
+    // Checked (whole_groups): buffer k holds 8 (starts[k + 1] - starts[k]) elements, 16-byte
     // aligned; every block writes its partial.
     launch(be, "sum_squares_tensors", cfg, |a| {
         a.arg(&mut partials).arg(&d_tens).arg(&d_starts).arg(&count);

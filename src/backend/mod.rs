@@ -404,6 +404,27 @@ pub trait Backend {
         dims: AttnDims,
     ) -> Result<(), BackendError>;
 
+    /// [`Backend::attention_backward`] (qkv rotated, as the forward left it), then
+    /// [`Backend::rope_backward`] on dqkv: the gradient with respect to the unrotated qkv. The
+    /// default runs the two; a backend fuses them (the CUDA flash kernels rotate dq and dk
+    /// before they store them).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_rope_backward(
+        &self,
+        dqkv: &mut Self::Buf,
+        dout: &Self::Buf,
+        qkv: &Self::Buf,
+        out: &Self::Buf,
+        lse: &Self::Buf,
+        positions: &Self::IdxBuf,
+        inv_freq: &Self::Buf,
+        cu_seqlens: &Self::IdxBuf,
+        dims: AttnDims,
+    ) -> Result<(), BackendError> {
+        self.attention_backward(dqkv, dout, qkv, out, lse, cu_seqlens, dims)?;
+        self.rope_backward(dqkv, positions, inv_freq, dims)
+    }
+
     // ---------------------------------------------------------------- SwiGLU
     /// gate_up `[T, 2F]` holds gate in columns 0..F and up in F..2F of each row;
     /// `out[t, f] = silu(gate) * up`, out `[T, F]` overwritten.

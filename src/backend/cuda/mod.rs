@@ -81,12 +81,14 @@ pub struct CudaBackend {
     pub(crate) lt: Option<lt::Lt>,
     kernels: HashMap<String, CudaFunction>,
     pub arch: &'static str,
+    /// Streaming multiprocessors of the GPU (the flash backward sizes its work split by them).
+    pub sm_count: usize,
     pub device_name: String,
     pub gemm_mode: GemmMode,
     /// Storage of `alloc_act` buffers.
     pub act_dtype: DType,
     /// The flash kernels' work lists of the last `cu_seqlens` (ops/flash_attention.rs).
-    pub(crate) flash_items: std::sync::Mutex<Option<ops::flash_attention::ItemsCache>>,
+    pub(crate) flash_items: std::sync::Mutex<Option<ops::flash_items::ItemsCache>>,
 }
 
 /// Check that the driver and cuBLAS libraries can be loaded, naming the first that cannot.
@@ -145,6 +147,12 @@ impl CudaBackend {
         keep_freed_memory(&ctx).map_err(d("cuMemPoolSetAttribute"))?;
         let (major, minor) = ctx.compute_capability().map_err(d("compute_capability"))?;
         let arch = arch_name(major, minor)?;
+        let sm_count = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(d("multiprocessor count"))?
+            .max(1) as usize;
         let device_name = ctx.name().map_err(d("device name"))?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| CudaError::Driver {
             op: "cublasCreate",
@@ -179,6 +187,7 @@ impl CudaBackend {
             lt,
             kernels,
             arch,
+            sm_count,
             device_name,
             gemm_mode: GemmMode::from_env(),
             act_dtype: match std::env::var("PACKTRAIN_ACTIVATIONS").as_deref() {
@@ -525,6 +534,27 @@ impl Backend for CudaBackend {
         dims: AttnDims,
     ) -> Result<(), BackendError> {
         ops::attention::backward_any(self, dqkv, dout, qkv, out, lse, cu_seqlens, dims)
+    }
+    fn attention_rope_backward(
+        &self,
+        dqkv: &mut Self::Buf,
+        dout: &Self::Buf,
+        qkv: &Self::Buf,
+        out: &Self::Buf,
+        lse: &Self::Buf,
+        positions: &CudaIdx,
+        inv_freq: &Self::Buf,
+        cu_seqlens: &CudaIdx,
+        dims: AttnDims,
+    ) -> Result<(), BackendError> {
+        use ops::flash_attention::{backward_rope, fuses_rope};
+        if fuses_rope(self, &dims, &[dqkv, dout, qkv, out], lse, inv_freq) {
+            return backward_rope(
+                self, dqkv, dout, qkv, out, lse, positions, inv_freq, cu_seqlens, dims,
+            );
+        }
+        self.attention_backward(dqkv, dout, qkv, out, lse, cu_seqlens, dims)?;
+        self.rope_backward(dqkv, positions, inv_freq, dims)
     }
     fn swiglu_forward(
         &self,

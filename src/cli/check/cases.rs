@@ -328,6 +328,54 @@ fn op_list<B: Backend>(c: &mut Cases<B>) {
         );
     }
 
+    // ------------------------------------------------------------ attention's and RoPE's backward
+    // The CUDA backend fuses them on Hopper's wgmma kernels (the "[act]" pass's bf16 buffers);
+    // elsewhere, and on the CPU, they are the two ops in a row. Positions run past 5000 in the
+    // odd documents (a document may start anywhere, e.g. a continued one).
+    for (d, h, hkv, theta) in [
+        (32usize, 8usize, 2usize, 10000.0),
+        (64, 8, 2, 10000.0),
+        (128, 4, 1, 500000.0),
+    ] {
+        let positions = |lens: &[usize]| -> Vec<i32> {
+            let mut at = 0;
+            let mut p = positions_of(lens);
+            for (i, &l) in lens.iter().enumerate() {
+                if i % 2 == 1 {
+                    p[at..at + l].iter_mut().for_each(|x| *x += 5000);
+                }
+                at += l;
+            }
+            p
+        };
+        c.case(
+            format!("attention_rope_backward[D={d},H={h},Hkv={hkv}]"),
+            "attention",
+            |io| {
+                let lens = ragged_lengths(&mut io.rng, OP_DOCS, OP_TOKENS, true);
+                let dims = attn_dims(&lens, h, hkv, d);
+                let qkv = io.randn(dims.t * dims.qkv_width(), 1.0);
+                let dout = io.randn(dims.t * h * d, 1.0);
+                let cu = cu_of(&lens);
+                // qkv stands for the rotated one; out and lse are the reference's for it.
+                let (out, lse) = reference_attention(&qkv, &cu, dims)?;
+                let (qb, ob, lb, db) = (
+                    io.input(&qkv)?,
+                    io.input(&out)?,
+                    io.full(&lse)?,
+                    io.input(&dout)?,
+                );
+                let (cub, pos) = (io.input_idx(&cu)?, io.input_idx(&positions(&lens))?);
+                let inv = io.full(&rope_inv_freq(theta, d))?;
+                let mut dqkv = io.poisoned(dims.t * dims.qkv_width())?;
+                io.be.attention_rope_backward(
+                    &mut dqkv, &db, &qb, &ob, &lb, &pos, &inv, &cub, dims,
+                )?;
+                io.output("dqkv", &dqkv, dims.t * dims.qkv_width())
+            },
+        );
+    }
+
     // ------------------------------------------------------------ swiglu, add, scale
     let t = OP_TOKENS + 5;
     // F = 688 takes the CUDA `_vec8` kernels (F % 8 == 0), F + 2 the scalar ones.

@@ -160,16 +160,17 @@ impl<B: Backend> Llama<B> {
             m.c,
             write,
         )?;
-        be.attention_backward(
+        be.attention_rope_backward(
             &mut s.dqkv,
             &s.datt,
             &a.qkv,
             &a.att,
             &a.lse,
+            &batch.positions,
+            &self.inv_freq,
             &batch.cu_seqlens,
             ad,
         )?;
-        be.rope_backward(&mut s.dqkv, &batch.positions, &self.inv_freq, ad)?;
         match p.bqkv {
             Some(b) => {
                 // Two disjoint grads of the same list: split the borrow.

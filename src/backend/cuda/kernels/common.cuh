@@ -93,3 +93,13 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     v = (lane < nwarps) ? scratch[lane] : 0.0f;
     return warp_sum(v);
 }
+
+// One RoPE pair (x1, x2) = (x[j], x[j + D/2]) rotated by the angle with cosine c and sine s
+// (rope.cu's math and rounding; the flash kernels that fuse RoPE call it too, so a rotated
+// value is bitwise the same wherever it is computed).
+__device__ __forceinline__ void rope_pair(float& x1, float& x2, float c, float s) {
+    float y1 = __fmaf_rn(x1, c, -__fmul_rn(x2, s));
+    float y2 = __fmaf_rn(x1, s, __fmul_rn(x2, c));
+    x1 = y1;
+    x2 = y2;
+}

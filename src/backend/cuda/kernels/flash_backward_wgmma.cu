@@ -13,6 +13,12 @@
 //   double-buffered):
 //     S = Q K^T, dP = dO V^T (shared memory), dS = P (dP - dsum), dQ += dS K (B = K, MN-major)
 //   then dK, dQ are scaled by 1 / sqrt(D) once at the end, as in the mma.sync kernels.
+// With `rope` set (Backend::attention_rope_backward), dK and dQ are also rotated back by RoPE
+// (fa_rope_back_row) before their one rounding to bf16: rope_backward's pass over dqkv is gone.
+// A dK/dV item may be one part of a key tile split by query head (ops/flash_items.rs: item.w =
+// S | part << 4 | slot << 8, 0 for a whole tile): the block walks its G / S heads only and
+// stores f32 partial sums to `part` slot `slot + part` ([Hkv][2][64][D] per slot), which
+// flash_bwd_dkdv_reduce adds up.
 // At D = 128 the dK/dV kernel's score stage runs in two halves of 32 queries (QC), as the
 // mma.sync kernel does, to bound the live accumulators next to dK and dV (128 registers).
 
@@ -42,7 +48,8 @@ __device__ __forceinline__ void flash_bwd_dkdv_wg(__nv_bfloat16* __restrict__ dq
                                                   const float* __restrict__ lse,
                                                   const float* __restrict__ dsum,
                                                   const int4* __restrict__ items, int T, int H,
-                                                  int Hkv, float scale, float scale_log2) {
+                                                  int Hkv, float scale, float scale_log2,
+                                                  const float2* rope, float* part) {
     constexpr int TD = FA_TILE * D;
     constexpr int QC = FaWgBwd<D>::QC;
     extern __shared__ __align__(16) unsigned short fa_smem_wg[];
@@ -55,16 +62,18 @@ __device__ __forceinline__ void flash_bwd_dkdv_wg(__nv_bfloat16* __restrict__ dq
     const int4 it = items[blockIdx.x / Hkv];
     const int hk = blockIdx.x % Hkv;
     const int start = it.x, L = it.y, kt = it.z;
-    const int G = H / Hkv;
+    const int parts = it.w ? (it.w & 15) : 1, pi = (it.w >> 4) & 15, slot = it.w >> 8;
+    const int G = H / Hkv, Gp = G / parts;  // this block's query heads: pi Gp .. + Gp
     const long W = (long)(H + 2 * Hkv) * D, HD = (long)H * D;
     const int k0 = kt * FA_TILE;
     const int nq = (L + FA_TILE - 1) / FA_TILE;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tig = lane & 3;
 
-    // Steps j = 0 .. G (nq - kt): query head hk G + j / span, query tile kt + j % span.
-    const int span = nq - kt, steps = G * span;
+    // Steps j = 0 .. Gp (nq - kt): query head hk G + pi Gp + j / span, query tile
+    // kt + j % span.
+    const int span = nq - kt, steps = Gp * span;
     auto start_step = [&](int j) {
-        const int hq = hk * G + j / span, q0 = (kt + j % span) * FA_TILE;
+        const int hq = hk * G + pi * Gp + j / span, q0 = (kt + j % span) * FA_TILE;
         unsigned short* bQ = sQ0 + 2 * (j & 1) * TD;
         fa_tile_start_sw<D>(bQ, qkv + (long)(start + q0) * W + (long)hq * D, W, L - q0);
         fa_tile_start_sw<D>(bQ + TD, dout + (long)(start + q0) * HD + (long)hq * D, HD, L - q0);
@@ -150,16 +159,35 @@ __device__ __forceinline__ void flash_bwd_dkdv_wg(__nv_bfloat16* __restrict__ dq
             fa_pin<D / 2>(dk);
         }
     }
+    // A part's f32 partials: rows of dK, then of dV, of this kv head in its slot.
+    float* pk = parts > 1 ? part + ((long)(slot + pi) * Hkv + hk) * 2 * TD : nullptr;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        const int key = k0 + warp * 16 + g + r * 8;
+        const int row = warp * 16 + g + r * 8, key = k0 + row;
         if (key < L) {
-            __nv_bfloat16* row = dqkv + (long)(start + key) * W + 2 * tig;
-            __nv_bfloat16* dkr = row + (long)(H + hk) * D;
-            __nv_bfloat16* dvr = row + (long)(H + Hkv + hk) * D;
+            float sc = scale;
+            if (rope) {
+                // Linear, so rotating each part's partial sum rotates their sum.
+                fa_rope_back_row<D>(dk, r, scale, rope + (long)(start + key) * (D / 2), tig);
+                sc = 1.f;
+            }
+            if (pk) {
+#pragma unroll
+                for (int i = 0; i < D / 8; ++i) {
+                    const int c = i * 8 + 2 * tig;
+                    *reinterpret_cast<float2*>(pk + row * D + c) =
+                        make_float2(dk[4 * i + 2 * r] * sc, dk[4 * i + 2 * r + 1] * sc);
+                    *reinterpret_cast<float2*>(pk + TD + row * D + c) =
+                        make_float2(dv[4 * i + 2 * r], dv[4 * i + 2 * r + 1]);
+                }
+                continue;
+            }
+            __nv_bfloat16* drow = dqkv + (long)(start + key) * W + 2 * tig;
+            __nv_bfloat16* dkr = drow + (long)(H + hk) * D;
+            __nv_bfloat16* dvr = drow + (long)(H + Hkv + hk) * D;
 #pragma unroll
             for (int i = 0; i < D / 8; ++i) {
-                fa_st2(dkr + i * 8, dk[4 * i + 2 * r] * scale, dk[4 * i + 2 * r + 1] * scale);
+                fa_st2(dkr + i * 8, dk[4 * i + 2 * r] * sc, dk[4 * i + 2 * r + 1] * sc);
                 fa_st2(dvr + i * 8, dv[4 * i + 2 * r], dv[4 * i + 2 * r + 1]);
             }
         }
@@ -173,7 +201,8 @@ __device__ __forceinline__ void flash_bwd_dq_wg(__nv_bfloat16* __restrict__ dqkv
                                                 const float* __restrict__ lse,
                                                 const float* __restrict__ dsum,
                                                 const int4* __restrict__ items, int T, int H,
-                                                int Hkv, float scale, float scale_log2) {
+                                                int Hkv, float scale, float scale_log2,
+                                                const float2* rope) {
     constexpr int TD = FA_TILE * D;
     extern __shared__ __align__(16) unsigned short fa_smem_wg[];
     unsigned short* sQ = fa_smem_base(fa_smem_wg);
@@ -258,37 +287,74 @@ __device__ __forceinline__ void flash_bwd_dq_wg(__nv_bfloat16* __restrict__ dqkv
         const int q = q0 + warp * 16 + g + r * 8;
         if (q < L) {
             __nv_bfloat16* row = dqkv + (long)(start + q) * W + (long)h * D + 2 * tig;
+            float sc = scale;
+            if (rope) {
+                fa_rope_back_row<D>(dq, r, scale, rope + (long)(start + q) * (D / 2), tig);
+                sc = 1.f;
+            }
 #pragma unroll
             for (int i = 0; i < D / 8; ++i)
-                fa_st2(row + i * 8, dq[4 * i + 2 * r] * scale, dq[4 * i + 2 * r + 1] * scale);
+                fa_st2(row + i * 8, dq[4 * i + 2 * r] * sc, dq[4 * i + 2 * r + 1] * sc);
         }
     }
 }
 #endif  // FA_WG
 
 #if FA_WG
-#define FA_BWD_WG_BODY(KERNEL, D) \
-    KERNEL<D>(dqkv, dout, qkv, lse, dsum, items, T, H, Hkv, scale, scale_log2);
+// CALL: the kernel body's call, parenthesised (it has commas).
+#define FA_BWD_WG_BODY(CALL) CALL;
 #else
-#define FA_BWD_WG_BODY(KERNEL, D) asm volatile("trap;");
+#define FA_BWD_WG_BODY(CALL) asm volatile("trap;");
 #endif
 // The argument lists of flash_bwd_dkdv_* (dqacc, ldq unused: dQ is never atomic here) and of
-// flash_bwd_dq_*, so the launcher passes the same arguments to either kernel of a pair.
+// flash_bwd_dq_*, so the launcher passes the same arguments to either kernel of a pair, plus
+// RoPE's table of cosines and sines (null: no rotation), and for dK/dV the split items'
+// partial slots (null when no item is split).
 #define FA_DKDV_WG_ENTRY(NAME, D, MINB)                                                       \
     extern "C" __global__ void __launch_bounds__(FA_THREADS, MINB)                            \
         NAME(__nv_bfloat16* dqkv, float*, long long, const __nv_bfloat16* dout,               \
              const __nv_bfloat16* qkv, const float* lse, const float* dsum, const int4* items, \
-             int T, int H, int Hkv, float scale, float scale_log2) {                          \
-        FA_BWD_WG_BODY(flash_bwd_dkdv_wg, D)                                                  \
+             int T, int H, int Hkv, float scale, float scale_log2, const float2* rope,        \
+             float* part) {                                                                   \
+        FA_BWD_WG_BODY((flash_bwd_dkdv_wg<D>(dqkv, dout, qkv, lse, dsum, items, T, H, Hkv,    \
+                                             scale, scale_log2, rope, part)))                 \
     }
 #define FA_DQ_WG_ENTRY(NAME, D, MINB)                                                         \
     extern "C" __global__ void __launch_bounds__(FA_THREADS, MINB)                            \
         NAME(__nv_bfloat16* dqkv, const __nv_bfloat16* dout, const __nv_bfloat16* qkv,        \
              const float* lse, const float* dsum, const int4* items, int T, int H, int Hkv,   \
-             float scale, float scale_log2) {                                                 \
-        FA_BWD_WG_BODY(flash_bwd_dq_wg, D)                                                    \
+             float scale, float scale_log2, const float2* rope) {                             \
+        FA_BWD_WG_BODY((flash_bwd_dq_wg<D>(dqkv, dout, qkv, lse, dsum, items, T, H, Hkv,      \
+                                           scale, scale_log2, rope)))                         \
     }
 FA_DKDV_WG_ENTRY(flash_bwd_dkdv_wg_d64_bf16, 64, 3)
 FA_DKDV_WG_ENTRY(flash_bwd_dkdv_wg_d128_bf16, 128, 2)
 FA_DQ_WG_ENTRY(flash_bwd_dq_wg_d64_bf16, 64, 3)
 FA_DQ_WG_ENTRY(flash_bwd_dq_wg_d128_bf16, 128, 2)
+
+// The split dK/dV items' sums (ops/flash_items.rs). Block (u, hk) of item u = {start, len,
+// tile, S | slot << 8} of `splits`: each valid row of key tile `tile` of kv head hk gets
+// dK = sum over s < S of slot + s's partial, added in that order (deterministic), rounded to
+// bf16; dV the same. Generic code: compiled everywhere, launched after the wgmma dK/dV kernel.
+extern "C" __global__ void flash_bwd_dkdv_reduce(__nv_bfloat16* dqkv, const float* part,
+                                                 const int4* splits, int H, int Hkv, int D) {
+    const int4 it = splits[blockIdx.x / Hkv];
+    const int hk = blockIdx.x % Hkv;
+    const int start = it.x, k0 = it.z * FA_TILE, S = it.w & 255, slot = it.w >> 8;
+    const int rows = min(FA_TILE, it.y - k0);
+    const long W = (long)(H + 2 * Hkv) * D, TD = (long)FA_TILE * D, PS = (long)Hkv * 2 * TD;
+    const float* p0 = part + (long)slot * PS + (long)hk * 2 * TD;
+    // Two consecutive columns per step: element e of [2][64][D] (dK rows, then dV rows).
+    for (long e = 2 * threadIdx.x; e < 2 * TD; e += 2 * blockDim.x) {
+        const int which = (int)(e / TD), row = (int)((e % TD) / D), col = (int)(e % D);
+        if (row >= rows) continue;
+        float2 acc = *reinterpret_cast<const float2*>(p0 + e);
+        for (int s = 1; s < S; ++s) {
+            const float2 v = *reinterpret_cast<const float2*>(p0 + s * PS + e);
+            acc.x += v.x;
+            acc.y += v.y;
+        }
+        fa_st2(dqkv + (long)(start + k0 + row) * W + (long)(H + which * Hkv + hk) * D + col,
+               acc.x, acc.y);
+    }
+}

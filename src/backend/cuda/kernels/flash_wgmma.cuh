@@ -191,4 +191,34 @@ __device__ __forceinline__ void fa_wgmma_rs_d(float* d, const unsigned* a,
         fa_wgmma_rs_n128(d, a, fa_desc(b, FA_TILE * 128));
 }
 
+
+// RoPE's backward fused into the wgmma kernels (Backend::attention_rope_backward): rope.cu's
+// inverse rotation of the pairs (j, j + D/2) of dQ's and dK's heads by a = positions[t]
+// inv_freq[j], with cos a and sin a read from the table rope_table wrote (rope[t D/2 + j]) and
+// rope_pair's math, applied to the f32 accumulators before their one rounding to bf16: the
+// pass of rope_backward over dqkv is gone. (A sincosf per pair instead of the table made these
+// kernels slower than the pass they save; rotating q in the forward kernel the same way saved
+// nothing: BENCHMARKS.md.) A null table means no rotation.
+//
+// The inverse rotation (by -a, rope_backward's) of one accumulator row of dQ or dK,
+// scaled by `scale` first, in registers before the store. acc holds row r (0: g, 1: g + 8) of
+// the thread at acc[4 i + 2 r + e] = column 8 i + 2 tig + e; a column j < D/2 pairs with
+// j + D/2, i.e. i + D/16 in the same thread. `rope` points at the row's D/2 (cos, sin).
+template <int D>
+__device__ __forceinline__ void fa_rope_back_row(float* acc, int r, float scale,
+                                                 const float2* rope, int tig) {
+#pragma unroll
+    for (int i = 0; i < D / 16; ++i) {
+        const float4 c = reinterpret_cast<const float4*>(rope)[4 * i + tig];  // j = 8 i + 2 tig
+        float y1 = acc[4 * i + 2 * r] * scale, y2 = acc[4 * (i + D / 16) + 2 * r] * scale;
+        rope_pair(y1, y2, c.x, -c.y);
+        acc[4 * i + 2 * r] = y1;
+        acc[4 * (i + D / 16) + 2 * r] = y2;
+        y1 = acc[4 * i + 2 * r + 1] * scale, y2 = acc[4 * (i + D / 16) + 2 * r + 1] * scale;
+        rope_pair(y1, y2, c.z, -c.w);
+        acc[4 * i + 2 * r + 1] = y1;
+        acc[4 * (i + D / 16) + 2 * r + 1] = y2;
+    }
+}
+
 #endif  // FA_WG

@@ -11,11 +11,11 @@
 //
 // Rounding: with s = sin a (forward) or -sin a (backward, an exact negation) and c = cos a,
 //   y1 = fma(x1, c, -(x2 s)),   y2 = fma(x1, s, x2 c)
-// spelled with explicit intrinsics (rope_pair) so the compiler cannot contract the two
-// layouts below differently: they give bitwise the same results. It is the contraction the
-// plain `x1 c - x2 s`, `x2 c + x1 s` compiled to before (nvcc 13, sm_90a), so the scalar
-// kernels' results did not change either. sincosf is the precise one (no fast math):
-// positions reach ~1e5, where __sincosf's error is large.
+// spelled with explicit intrinsics (rope_pair, in common.cuh: the flash kernels that fuse RoPE
+// use it too) so the compiler cannot contract the layouts differently: they give bitwise the
+// same results. It is the contraction the plain `x1 c - x2 s`, `x2 c + x1 s` compiled to
+// before (nvcc 13, sm_90a), so the scalar kernels' results did not change either. sincosf is
+// the precise one (no fast math): positions reach ~1e5, where __sincosf's error is large.
 //
 // Launches (ops/rope.rs picks, from D and the alignment only, never the dtypes, so an f32
 // and a bf16 buffer always take the same layout):
@@ -36,14 +36,6 @@
 //     at D = 64 instead of once), a few hundred instructions per row next to 9 KB moved.
 //     79 registers, no spills (ptxas 13.0, sm_90a). 44.5 us per call against the scalar
 //     kernels' 83.8 us, same run on an H200 (the TinyLlama shape above, bf16: 3.4 TB/s).
-
-// One rotated pair, the same f32 operations in both layouts (see "Rounding").
-__device__ __forceinline__ void rope_pair(float& x1, float& x2, float c, float s) {
-    float y1 = __fmaf_rn(x1, c, -__fmul_rn(x2, s));
-    float y2 = __fmaf_rn(x1, s, __fmul_rn(x2, c));
-    x1 = y1;
-    x2 = y2;
-}
 
 __device__ __forceinline__ void rope_rotate(Ten qkv, const int* positions, Ten inv_freq,
                                             int T, int NH, int QKV, int D, float sign) {
@@ -137,4 +129,20 @@ extern "C" __global__ void rope_backward(Ten dqkv, const int* positions, Ten inv
 extern "C" __global__ void rope_backward_vec8(Ten dqkv, const int* positions, Ten inv_freq,
                                               int T, int NH, int QKV, int D) {
     rope_rotate_vec8(dqkv, positions, inv_freq, T, NH, QKV, D, -1.0f);
+}
+
+// The angles' cosines and sines for the flash kernels that fuse RoPE's backward
+// (flash_wgmma.cuh): table[t half + j] = (cos a, sin a) with a = positions[t] inv_freq[j],
+// j < half = D/2: the same f32 values the kernels above compute. One thread per (t, j),
+// grid-stride over n = T half.
+extern "C" __global__ void rope_table(float2* table, const int* positions, Ten inv_freq,
+                                      long long n, int half) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long t = i / half;
+        const int j = (int)(i - t * half);
+        float s, c;
+        sincosf(__fmul_rn((float)positions[t], ld(inv_freq, j)), &s, &c);
+        table[i] = make_float2(c, s);
+    }
 }

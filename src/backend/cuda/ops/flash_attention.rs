@@ -7,12 +7,15 @@
 //! bf16 (the kernels' two entry points); lse is f32 ([`native`] says whether a set of buffers
 //! fits, else `attention.rs` stages them).
 //!
-//! Scheduling: the host walks `cu_seqlens` (its mirror, no device sync) and lists the real
-//! (document, 64-row tile) pairs, longest work first, as int4 items `{start, len, tile, 0}`;
-//! one block per (item, head), so a batch of short documents costs sum(L^2) work and no
+//! Scheduling (`flash_items.rs`): the host walks `cu_seqlens` (its mirror, no device sync)
+//! and lists the real (document, 64-row tile) pairs, longest work first, as int4 items
+//! `{start, len, tile, 0}`; one block per (item, head), so a batch of short documents costs sum(L^2) work and no
 //! block launches only to exit. Forward items are query tiles (work: tile + 1 key tiles, per
 //! query head); backward items are key tiles (work: the query tiles from the diagonal to the
 //! document's end, times the G query heads of the block's kv head).
+//!
+//! RoPE's backward can run inside the wgmma backward kernels ([`backward_rope`], behind
+//! `Backend::attention_rope_backward`): dQ and dK are rotated back before they are stored.
 //!
 //! Which path `attention::forward_any`/`backward_any` take: `PACKTRAIN_ATTENTION=flash` or `gemm`
 //! forces one (flash only for D in {64, 128}: every other head dim takes the GEMM path); unset,
@@ -22,12 +25,13 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
+use super::flash_items::{with_items, ItemsCache, Split};
 use super::{need, set_smem};
 use crate::backend::cuda::{drv, launch, CudaBackend, CudaBuf, CudaIdx, DType};
 use crate::backend::{AttnDims, BackendError};
 
 /// Rows of a tile (query tile forward, key tile backward); must match FA_TILE.
-const TILE: usize = 64;
+pub(super) const TILE: usize = 64;
 /// Threads per block; must match FA_THREADS.
 const THREADS: u32 = 128;
 
@@ -192,29 +196,6 @@ fn dq_atomic() -> bool {
     std::env::var("PACKTRAIN_FLASH_DQ").as_deref() == Ok("atomic")
 }
 
-/// Work items `[start, len, tile, 0]` flattened, longest work first. `work(len, tile)` is a
-/// tile's cost in key-tile (forward) or query-tile (backward) steps.
-fn items(cu: &[i32], work: impl Fn(usize, usize) -> usize) -> Vec<i32> {
-    let mut v: Vec<(usize, [i32; 4])> = Vec::new();
-    for w in cu.windows(2) {
-        let (start, len) = (w[0], (w[1] - w[0]) as usize);
-        for tile in 0..len.div_ceil(TILE) {
-            v.push((work(len, tile), [start, len as i32, tile as i32, 0]));
-        }
-    }
-    // Stable: equal work keeps document order.
-    v.sort_by_key(|&(w, _)| std::cmp::Reverse(w));
-    v.into_iter().flat_map(|(_, it)| it).collect()
-}
-
-fn fwd_items(cu: &[i32]) -> Vec<i32> {
-    items(cu, |_, tile| tile + 1)
-}
-
-fn bwd_items(cu: &[i32]) -> Vec<i32> {
-    items(cu, |len, tile| len.div_ceil(TILE) - tile)
-}
-
 /// Tile buffers of the software pipeline (`FaPipe` in the kernel): K/V forward and Q/dO
 /// backward are double-buffered at D = 64.
 fn pipeline_buffers(d: usize) -> usize {
@@ -267,50 +248,6 @@ fn check(op: &'static str, dims: &AttnDims, cu: &CudaIdx) -> Result<(), BackendE
     Ok(())
 }
 
-/// The work lists of one `cu_seqlens` on the device: every layer of a micro-batch (forward,
-/// backward, recompute) attends over the same documents, so the lists are built and uploaded
-/// once per batch instead of three times per layer (a pageable host-to-device copy each).
-pub struct ItemsCache {
-    cu: Vec<i32>,
-    /// Query-tile items (forward and dQ) and key-tile items (dK/dV), and their counts.
-    fwd: (CudaSlice<i32>, usize),
-    bwd: (CudaSlice<i32>, usize),
-}
-
-/// Run `f` with the device work lists of `cu` (from the backend's cache when `cu` is the batch
-/// they were built for).
-fn with_items<R>(
-    be: &CudaBackend,
-    cu: &[i32],
-    op: &'static str,
-    f: impl FnOnce(&ItemsCache) -> Result<R, BackendError>,
-) -> Result<R, BackendError> {
-    let mut cache = be
-        .flash_items
-        .lock()
-        .map_err(|_| shape(op, "work-list cache poisoned by an earlier panic".into()))?;
-    if cache.as_ref().is_none_or(|c| c.cu != cu) {
-        let upload = |list: Vec<i32>| -> Result<(CudaSlice<i32>, usize), BackendError> {
-            let n = list.len() / 4;
-            // An empty list still gets a (one-element) buffer; its count says there is no work.
-            let dev = be
-                .stream
-                .clone_htod(if list.is_empty() { &[0][..] } else { &list[..] })
-                .map_err(drv(op))?;
-            Ok((dev, n))
-        };
-        *cache = Some(ItemsCache {
-            cu: cu.to_vec(),
-            fwd: upload(fwd_items(cu))?,
-            bwd: upload(bwd_items(cu))?,
-        });
-    }
-    let c = cache
-        .as_ref()
-        .ok_or_else(|| shape(op, "work-list cache empty".into()))?;
-    f(c)
-}
-
 fn blocks(n_items: usize, heads: usize, op: &'static str) -> Result<u32, BackendError> {
     n_items
         .checked_mul(heads)
@@ -351,9 +288,52 @@ pub fn forward(
     need(OP, "lse [H, T]", lse.len(), h * t)?;
     need(OP, "qkv [T, QKV]", qkv.len(), t * dims.qkv_width())?;
     let cu = &cu_seqlens.host[..=dims.n_docs];
-    with_items(be, cu, OP, |lists| {
+    // The backward's split, so the cached lists serve both directions.
+    let split = split_for(be, &dims, qkv.dtype());
+    with_items(be, cu, split, OP, |lists| {
         forward_launch(be, out, lse, qkv, dims, &lists.fwd.0, lists.fwd.1)
     })
+}
+
+/// Blocks of the wgmma dK/dV kernel on one SM (its `__launch_bounds__`).
+fn dkdv_blocks_per_sm(d: usize) -> usize {
+    if d == 64 {
+        3
+    } else {
+        2
+    }
+}
+
+/// How the dK/dV items are split (`flash_items::Split`): on the wgmma path, by the block slots
+/// of the GPU, unless `PACKTRAIN_FLASH_SPLIT=0` (whole items, to compare).
+fn split_for(be: &CudaBackend, dims: &AttnDims, e: DType) -> Split {
+    if dq_atomic() || !wgmma(be, e) || std::env::var("PACKTRAIN_FLASH_SPLIT").as_deref() == Ok("0")
+    {
+        return Split::NONE;
+    }
+    Split {
+        g: dims.h / dims.hkv.max(1),
+        hkv: dims.hkv,
+        slots: be.sm_count * dkdv_blocks_per_sm(dims.d),
+    }
+}
+
+/// Whether `Backend::attention_rope_backward` runs fused on these buffers: the wgmma kernels
+/// take them as they are (bf16 tensors, f32 lse, on sm_90a, dQ not atomic) and inv_freq is
+/// f32, unless `PACKTRAIN_ROPE_FUSED=0` (the separate RoPE pass, to compare).
+pub fn fuses_rope(
+    be: &CudaBackend,
+    dims: &AttnDims,
+    tensors: &[&CudaBuf],
+    lse: &CudaBuf,
+    inv_freq: &CudaBuf,
+) -> bool {
+    use_flash(dims)
+        && native(tensors, lse)
+        && tensors.first().is_some_and(|b| wgmma(be, b.dtype()))
+        && !dq_atomic()
+        && inv_freq.dtype() == DType::F32
+        && std::env::var("PACKTRAIN_ROPE_FUSED").as_deref() != Ok("0")
 }
 
 fn forward_launch(
@@ -414,18 +394,66 @@ pub fn backward(
     dims: AttnDims,
 ) -> Result<(), BackendError> {
     const OP: &str = "attention_backward (flash)";
-    check(OP, &dims, cu_seqlens)?;
-    need_native(OP, &[dqkv, dout, qkv, out], lse)?;
+    check_backward(OP, dqkv, dout, qkv, out, lse, cu_seqlens, dims)?;
+    let cu = &cu_seqlens.host[..=dims.n_docs];
+    let split = split_for(be, &dims, qkv.dtype());
+    with_items(be, cu, split, OP, |lists| {
+        backward_launch(be, dqkv, dout, qkv, out, lse, dims, lists, None)
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn check_backward(
+    op: &'static str,
+    dqkv: &CudaBuf,
+    dout: &CudaBuf,
+    qkv: &CudaBuf,
+    out: &CudaBuf,
+    lse: &CudaBuf,
+    cu_seqlens: &CudaIdx,
+    dims: AttnDims,
+) -> Result<(), BackendError> {
+    check(op, &dims, cu_seqlens)?;
+    need_native(op, &[dqkv, dout, qkv, out], lse)?;
     let AttnDims { t, h, d, .. } = dims;
     let w = dims.qkv_width();
-    need(OP, "dqkv [T, QKV]", dqkv.len(), t * w)?;
-    need(OP, "dout [T, H D]", dout.len(), t * h * d)?;
-    need(OP, "qkv [T, QKV]", qkv.len(), t * w)?;
-    need(OP, "out [T, H D]", out.len(), t * h * d)?;
-    need(OP, "lse [H, T]", lse.len(), h * t)?;
+    need(op, "dqkv [T, QKV]", dqkv.len(), t * w)?;
+    need(op, "dout [T, H D]", dout.len(), t * h * d)?;
+    need(op, "qkv [T, QKV]", qkv.len(), t * w)?;
+    need(op, "out [T, H D]", out.len(), t * h * d)?;
+    need(op, "lse [H, T]", lse.len(), h * t)
+}
+
+/// The attention backward, then RoPE's backward, in the wgmma kernels ([`fuses_rope`] must
+/// hold): dK and dQ are rotated back before their one rounding to bf16. dqkv `[T, QKV]`
+/// overwritten with the gradient with respect to the unrotated qkv.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_rope(
+    be: &CudaBackend,
+    dqkv: &mut CudaBuf,
+    dout: &CudaBuf,
+    qkv: &CudaBuf,
+    out: &CudaBuf,
+    lse: &CudaBuf,
+    positions: &CudaIdx,
+    inv_freq: &CudaBuf,
+    cu_seqlens: &CudaIdx,
+    dims: AttnDims,
+) -> Result<(), BackendError> {
+    const OP: &str = "attention_rope_backward (flash)";
+    check_backward(OP, dqkv, dout, qkv, out, lse, cu_seqlens, dims)?;
+    if dq_atomic() || !wgmma(be, qkv.dtype()) {
+        return Err(shape(
+            OP,
+            "RoPE is fused into the wgmma kernels only".into(),
+        ));
+    }
+    let table = super::rope::table(be, positions, inv_freq, dims)?;
     let cu = &cu_seqlens.host[..=dims.n_docs];
-    with_items(be, cu, OP, |lists| {
-        backward_launch(be, dqkv, dout, qkv, out, lse, dims, lists)
+    let rope = Some(be.ptr(&table));
+    let split = split_for(be, &dims, qkv.dtype());
+    with_items(be, cu, split, OP, |lists| {
+        backward_launch(be, dqkv, dout, qkv, out, lse, dims, lists, rope)
     })
 }
 
@@ -439,6 +467,7 @@ fn backward_launch(
     lse: &CudaBuf,
     dims: AttnDims,
     lists: &ItemsCache,
+    rope: Option<u64>,
 ) -> Result<(), BackendError> {
     const OP: &str = "attention_backward (flash)";
     let AttnDims { t, h, hkv, d, .. } = dims;
@@ -501,6 +530,16 @@ fn backward_launch(
             .arg(&d32);
     })?;
     let wg = !atomic && wgmma(be, e);
+    // RoPE's table for the wgmma kernels (null: dK and dQ stored unrotated).
+    let pr = rope.unwrap_or(0);
+    // f32 partial dK, dV of the split items (flash_items.rs): slots x Hkv x [2][64][D].
+    let (splits_g, n_splits, n_slots) = (&lists.splits.0, lists.splits.1, lists.splits.2);
+    let part = match n_slots {
+        0 => None,
+        // SAFETY: each split part writes its slot's valid rows before the reduce reads them.
+        n => Some(unsafe { be.stream.alloc::<f32>(n * hkv * 2 * TILE * d) }.map_err(drv(OP))?),
+    };
+    let ppart = part.as_ref().map_or(0, |p| be.ptr(p));
     let (name, smem) = match (wg, atomic, d) {
         (true, _, 64) => ("flash_bwd_dkdv_wg_d64_bf16", shared_bytes_dkdv_wgmma(d)),
         (true, _, _) => ("flash_bwd_dkdv_wg_d128_bf16", shared_bytes_dkdv_wgmma(d)),
@@ -532,7 +571,26 @@ fn backward_launch(
             .arg(&hkv32)
             .arg(&scale)
             .arg(&scale_log2);
+        if wg {
+            a.arg(&pr).arg(&ppart);
+        }
     })?;
+    if n_splits > 0 {
+        let cfg = LaunchConfig {
+            grid_dim: (blocks(n_splits, hkv, OP)?, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch(be, "flash_bwd_dkdv_reduce", cfg, |a| {
+            a.arg(&pdqkv)
+                .arg(&ppart)
+                .arg(splits_g)
+                .arg(&h32)
+                .arg(&hkv32)
+                .arg(&d32);
+        })?;
+    }
+    drop(part);
     if dq_scratch.is_some() {
         // 8 elements per thread (flash_bwd_post_bf16).
         let n = t * h * d / 8;
@@ -575,6 +633,9 @@ fn backward_launch(
                 .arg(&hkv32)
                 .arg(&scale)
                 .arg(&scale_log2);
+            if wg {
+                a.arg(&pr);
+            }
         })?;
     }
     // dq_scratch is freed stream-ordered after the kernels that use it.
@@ -586,32 +647,73 @@ fn backward_launch(
 mod tests {
     use super::*;
 
+    /// RoPE's backward fused into the wgmma kernels against the separate passes, on a GPU
+    /// with sm_90a only: dqkv within 1e-2 (the fused kernels round dq and dk once, the
+    /// separate passes twice), every element written.
     #[test]
-    fn work_lists_cover_every_tile_longest_first() {
-        let cu = [0, 1, 1, 130, 194, 600];
-        let f = fwd_items(&cu);
-        let b = bwd_items(&cu);
-        // Tiles: 1 + 0 + 3 (129 rows) + 1 (64) + 7 (406) = 12.
-        assert_eq!(f.len(), 12 * 4);
-        assert_eq!(b.len(), 12 * 4);
-        let fw: Vec<i32> = f.chunks(4).map(|c| c[2] + 1).collect();
-        assert!(fw.windows(2).all(|w| w[0] >= w[1]), "{fw:?}");
-        assert_eq!(&f[..4], &[194, 406, 6, 0]);
-        let bw: Vec<i32> = b
-            .chunks(4)
-            .map(|c| (c[1] as usize).div_ceil(TILE) as i32 - c[2])
+    #[ignore = "needs a CUDA GPU"]
+    fn cuda_fused_rope_backward_matches_separate_passes() {
+        use super::super::elementwise::gpu_test::*;
+        use crate::backend::Backend;
+        let (be, _cpu, mut rng) = setup(71);
+        let lens = [300usize, 1, 64, 500, 135];
+        let cu: Vec<i32> = std::iter::once(0)
+            .chain(lens.iter().scan(0, |a, &l| {
+                *a += l as i32;
+                Some(*a)
+            }))
             .collect();
-        assert!(bw.windows(2).all(|w| w[0] >= w[1]), "{bw:?}");
-        assert_eq!(&b[..4], &[194, 406, 0, 0]);
-        // Every (document, tile) exactly once, no empty document.
-        let mut seen: Vec<(i32, i32)> = f.chunks(4).map(|c| (c[0], c[2])).collect();
-        seen.sort();
-        let mut want = vec![(0, 0)];
-        want.extend((0..3).map(|t| (1, t)));
-        want.push((130, 0));
-        want.extend((0..7).map(|t| (194, t)));
-        assert_eq!(seen, want);
-        assert!(fwd_items(&[0, 0, 0]).is_empty());
+        // Positions from 0 in even documents, from 7000 in odd ones.
+        let positions: Vec<i32> = lens
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &l)| (0..l as i32).map(move |p| p + 7000 * (i as i32 % 2)))
+            .collect();
+        for (h, hkv, d) in [(8usize, 2usize, 64usize), (4, 1, 128)] {
+            let t: usize = lens.iter().sum();
+            let dims = AttnDims {
+                t,
+                h,
+                hkv,
+                d,
+                n_docs: lens.len(),
+                max_seqlen: 500,
+            };
+            let w = dims.qkv_width();
+            let bf = |x: &[f32]| {
+                let mut b = be.alloc_dtype(x.len(), DType::Bf16).unwrap();
+                be.upload(&mut b, x).unwrap();
+                b
+            };
+            let inv: Vec<f32> = (0..d / 2)
+                .map(|j| 10000f32.powf(-2.0 * j as f32 / d as f32))
+                .collect();
+            let (cu_g, pos_g, inv_g) = (up_idx(&be, &cu), up_idx(&be, &positions), up(&be, &inv));
+            let qkv = bf(&randv(&mut rng, t * w));
+            let mut out = bf(&vec![0.0; t * h * d]);
+            let mut lse = up(&be, &vec![0.0; h * t]);
+            if !fuses_rope(&be, &dims, &[&qkv, &out], &lse, &inv_g) {
+                eprintln!("skipped: RoPE is not fused on this GPU ({})", be.arch);
+                return;
+            }
+            be.attention_forward(&mut out, &mut lse, &qkv, &cu_g, dims)
+                .unwrap();
+            let dout = bf(&randv(&mut rng, t * h * d));
+            let (mut ga, mut gb) = (bf(&vec![f32::NAN; t * w]), bf(&vec![f32::NAN; t * w]));
+            be.attention_backward(&mut ga, &dout, &qkv, &out, &lse, &cu_g, dims)
+                .unwrap();
+            be.rope_backward(&mut ga, &pos_g, &inv_g, dims).unwrap();
+            backward_rope(
+                &be, &mut gb, &dout, &qkv, &out, &lse, &pos_g, &inv_g, &cu_g, dims,
+            )
+            .unwrap();
+            let got = down(&be, &gb, t * w);
+            assert!(
+                got.iter().all(|x| !x.is_nan()),
+                "dqkv fully written, D = {d}"
+            );
+            close("dqkv", &got, &down(&be, &ga, t * w), 1e-2);
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod classifier;
 pub mod elementwise;
 pub mod embedding;
 pub mod flash_attention;
+pub(crate) mod flash_items;
 pub mod matmul;
 pub mod rmsnorm;
 pub mod rope;

@@ -3,11 +3,11 @@
 //! takes the `_vec8` kernels (a warp per row, 16-byte accesses), chosen from D and the
 //! alignment only; they give bitwise the scalar kernels' results.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
-use super::elementwise::{dim_i32, prod, rows_cols, vec8_ok};
+use super::elementwise::{dim_i32, grid_stride, prod, rows_cols, vec8_ok};
 use super::need;
-use crate::backend::cuda::{launch, CudaBackend, CudaBuf, CudaIdx};
+use crate::backend::cuda::{drv, launch, CudaBackend, CudaBuf, CudaIdx};
 use crate::backend::{AttnDims, BackendError};
 
 /// Warps (rows) per block of the `_vec8` kernels.
@@ -24,6 +24,46 @@ pub fn apply(
     inverse: bool,
 ) -> Result<(), BackendError> {
     rotate(be, qkv, positions, inv_freq, dims, inverse, true)
+}
+
+/// The table of RoPE's cosines and sines for the flash backward that fuses RoPE's backward:
+/// `[T, D/2]` (cos, sin) pairs, f32, of the angles `positions[t] inv_freq[j]` (kernel
+/// `rope_table`: the values the rotation kernels compute). Allocated on the stream; it lives as
+/// long as the caller keeps it (a launch that reads it may still be queued when it drops: the
+/// stream-ordered free waits for it).
+pub fn table(
+    be: &CudaBackend,
+    positions: &CudaIdx,
+    inv_freq: &CudaBuf,
+    dims: AttnDims,
+) -> Result<CudaSlice<f32>, BackendError> {
+    const OP: &str = "rope_table";
+    let AttnDims { t, d, .. } = dims;
+    if d == 0 || !d.is_multiple_of(2) {
+        return Err(BackendError::Shape {
+            op: OP,
+            message: format!("head dim D = {d} must be even and non-zero"),
+        });
+    }
+    need(OP, "positions [T]", positions.dev.len(), t)?;
+    need(OP, "inv_freq [D/2]", inv_freq.len(), d / 2)?;
+    let n = prod(OP, &[t, d])?; // T D/2 pairs, two floats each
+                                // SAFETY: rope_table writes all T D/2 pairs before any kernel reads them.
+    let mut tab = unsafe { be.stream.alloc::<f32>(n.max(2)) }.map_err(drv(OP))?;
+    if t == 0 {
+        return Ok(tab);
+    }
+    let (pairs, half) = ((n / 2) as i64, dim_i32(OP, "D/2", d / 2)?);
+    let ti = be.ten(inv_freq);
+    // Checked: the table holds T D/2 pairs; positions T; inv_freq D/2.
+    launch(be, OP, grid_stride(n / 2), |a| {
+        a.arg(&mut tab)
+            .arg(&positions.dev)
+            .arg(&ti)
+            .arg(&pairs)
+            .arg(&half);
+    })?;
+    Ok(tab)
 }
 
 /// [`apply`], with the `_vec8` kernels allowed or not (tests compare the two layouts).

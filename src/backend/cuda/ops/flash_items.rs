@@ -1,0 +1,262 @@
+//! The flash kernels' work lists: the real (document, 64-row tile) pairs of a `cu_seqlens`,
+//! longest work first, as int4 items `{start, len, tile, code}` (one block per item and head),
+//! and their device copies, cached per batch on the backend.
+//!
+//! The dK/dV kernel's block for key tile `kt` of a document of `nq` tiles walks G query heads
+//! times `nq - kt` query tiles, so the first tiles of a long document are long serial chains:
+//! in TinyLlama's batches (G = 8) the longest chain was 1.4-1.8x a block slot's average share
+//! of the kernel's work, and the kernel's time followed the chain. [`Split`] cuts such an item
+//! into S parts by query head (`code` = S | part << 4 | slot << 8); each part writes f32
+//! partial sums of dK and dV to its slot, and `flash_bwd_dkdv_reduce` adds the S slots of each
+//! split item (listed in `splits` as `{start, len, tile, S | first slot << 8}`) in a fixed order.
+
+use cudarc::driver::CudaSlice;
+
+use super::flash_attention::TILE;
+use crate::backend::cuda::{drv, CudaBackend};
+use crate::backend::BackendError;
+
+/// Work items `[start, len, tile, 0]` with their work, in document order. `work(len, tile)` is
+/// a tile's cost in key-tile (forward) or query-tile (backward) steps.
+fn items(cu: &[i32], work: impl Fn(usize, usize) -> usize) -> Vec<(usize, [i32; 4])> {
+    let mut v: Vec<(usize, [i32; 4])> = Vec::new();
+    for w in cu.windows(2) {
+        let (start, len) = (w[0], (w[1] - w[0]) as usize);
+        for tile in 0..len.div_ceil(TILE) {
+            v.push((work(len, tile), [start, len as i32, tile as i32, 0]));
+        }
+    }
+    v
+}
+
+/// Flattened, longest work first (stable: equal work keeps document order).
+fn longest_first(mut v: Vec<(usize, [i32; 4])>) -> Vec<i32> {
+    v.sort_by_key(|&(w, _)| std::cmp::Reverse(w));
+    v.into_iter().flat_map(|(_, it)| it).collect()
+}
+
+pub(super) fn fwd_items(cu: &[i32]) -> Vec<i32> {
+    longest_first(items(cu, |_, tile| tile + 1))
+}
+
+/// How the dK/dV items are split (see the module doc). `slots` = blocks that run at once (SMs
+/// times blocks per SM); 0 or `g` = 1: no split (the mma.sync kernels, or one query head per
+/// kv head).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Split {
+    /// Query heads per kv head.
+    pub g: usize,
+    pub hkv: usize,
+    pub slots: usize,
+}
+
+impl Split {
+    pub(super) const NONE: Split = Split {
+        g: 1,
+        hkv: 1,
+        slots: 0,
+    };
+}
+
+/// Most parts of one split item (4 bits of the item code).
+const MAX_PARTS: usize = 15;
+
+/// The dK/dV items (work per block: query heads times query tiles) and the split items'
+/// list, and the number of partial slots.
+pub(super) fn bwd_items(cu: &[i32], split: Split) -> (Vec<i32>, Vec<i32>, usize) {
+    let g = split.g.max(1);
+    let whole = items(cu, |len, tile| g * (len.div_ceil(TILE) - tile));
+    let total: usize = whole.iter().map(|(w, _)| w * split.hkv).sum();
+    // A block slot's share of the work: a chain longer than it ends after the others.
+    let target = match split.slots {
+        0 => usize::MAX,
+        n => total.div_ceil(n).max(1),
+    };
+    let (mut out, mut splits, mut slot) = (Vec::new(), Vec::new(), 0usize);
+    for (work, it) in whole {
+        let parts = (2..=g.min(MAX_PARTS))
+            .find(|&p| g.is_multiple_of(p) && work.div_ceil(p) <= target)
+            .or_else(|| (2..=g.min(MAX_PARTS)).rev().find(|&p| g.is_multiple_of(p)));
+        match parts {
+            Some(p) if work > target && slot < (1 << 22) => {
+                let [start, len, tile, _] = it;
+                splits.extend([start, len, tile, (p | slot << 8) as i32]);
+                for part in 0..p {
+                    let code = (p | part << 4 | (slot << 8)) as i32;
+                    out.push((work / p, [start, len, tile, code]));
+                }
+                slot += p;
+            }
+            _ => out.push((work, it)),
+        }
+    }
+    (longest_first(out), splits, slot)
+}
+
+/// The work lists of one `cu_seqlens` on the device: every layer of a micro-batch (forward,
+/// backward, recompute) attends over the same documents, so the lists are built and uploaded
+/// once per batch instead of three times per layer (a pageable host-to-device copy each).
+pub struct ItemsCache {
+    cu: Vec<i32>,
+    split: Split,
+    /// Query-tile items (forward and dQ) and key-tile items (dK/dV), and their counts.
+    pub(super) fwd: (CudaSlice<i32>, usize),
+    pub(super) bwd: (CudaSlice<i32>, usize),
+    /// The split dK/dV items, their count and the partial slots they use.
+    pub(super) splits: (CudaSlice<i32>, usize, usize),
+}
+
+/// Run `f` with the device work lists of `cu` and `split` (from the backend's cache when they
+/// are the ones it was built for).
+pub(super) fn with_items<R>(
+    be: &CudaBackend,
+    cu: &[i32],
+    split: Split,
+    op: &'static str,
+    f: impl FnOnce(&ItemsCache) -> Result<R, BackendError>,
+) -> Result<R, BackendError> {
+    let mut cache = be
+        .flash_items
+        .lock()
+        .map_err(|_| shape(op, "work-list cache poisoned by an earlier panic".into()))?;
+    if cache
+        .as_ref()
+        .is_none_or(|c| c.cu != cu || c.split != split)
+    {
+        let upload = |list: Vec<i32>| -> Result<(CudaSlice<i32>, usize), BackendError> {
+            let n = list.len() / 4;
+            // An empty list still gets a (one-element) buffer; its count says there is no work.
+            let dev = be
+                .stream
+                .clone_htod(if list.is_empty() { &[0][..] } else { &list[..] })
+                .map_err(drv(op))?;
+            Ok((dev, n))
+        };
+        let (bwd, splits, slots) = bwd_items(cu, split);
+        let (splits_dev, n_splits) = upload(splits)?;
+        *cache = Some(ItemsCache {
+            cu: cu.to_vec(),
+            split,
+            fwd: upload(fwd_items(cu))?,
+            bwd: upload(bwd)?,
+            splits: (splits_dev, n_splits, slots),
+        });
+    }
+    let c = cache
+        .as_ref()
+        .ok_or_else(|| shape(op, "work-list cache empty".into()))?;
+    f(c)
+}
+
+fn shape(op: &'static str, message: String) -> BackendError {
+    BackendError::Shape { op, message }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn work_lists_cover_every_tile_longest_first() {
+        let cu = [0, 1, 1, 130, 194, 600];
+        let f = fwd_items(&cu);
+        let (b, splits, slots) = bwd_items(&cu, Split::NONE);
+        assert!(splits.is_empty() && slots == 0);
+        // Tiles: 1 + 0 + 3 (129 rows) + 1 (64) + 7 (406) = 12.
+        assert_eq!(f.len(), 12 * 4);
+        assert_eq!(b.len(), 12 * 4);
+        let fw: Vec<i32> = f.chunks(4).map(|c| c[2] + 1).collect();
+        assert!(fw.windows(2).all(|w| w[0] >= w[1]), "{fw:?}");
+        assert_eq!(&f[..4], &[194, 406, 6, 0]);
+        let bw: Vec<i32> = b
+            .chunks(4)
+            .map(|c| (c[1] as usize).div_ceil(TILE) as i32 - c[2])
+            .collect();
+        assert!(bw.windows(2).all(|w| w[0] >= w[1]), "{bw:?}");
+        assert_eq!(&b[..4], &[194, 406, 0, 0]);
+        // Every (document, tile) exactly once, no empty document.
+        let mut seen: Vec<(i32, i32)> = f.chunks(4).map(|c| (c[0], c[2])).collect();
+        seen.sort();
+        let mut want = vec![(0, 0)];
+        want.extend((0..3).map(|t| (1, t)));
+        want.push((130, 0));
+        want.extend((0..7).map(|t| (194, t)));
+        assert_eq!(seen, want);
+        assert!(fwd_items(&[0, 0, 0]).is_empty());
+    }
+
+    /// Split dK/dV items: every (document, key tile) is one whole item or S parts (S dividing
+    /// G) whose query heads cover 0..G once; each split item's S slots are its own; no block's
+    /// work exceeds the slot share unless S = G could not bring it there; longest first.
+    #[test]
+    fn split_items_cover_every_head_once() {
+        // One long document among short ones, as TinyLlama's batches have them.
+        let lens = [4096usize, 300, 1, 700, 64, 2000, 90];
+        let mut cu = vec![0i32];
+        for l in lens {
+            cu.push(cu.last().unwrap() + l as i32);
+        }
+        for (g, hkv, slots) in [
+            (8usize, 4usize, 396usize),
+            (4, 4, 264),
+            (1, 32, 396),
+            (8, 4, 0),
+        ] {
+            let split = Split { g, hkv, slots };
+            let (b, splits, n_slots) = bwd_items(&cu, split);
+            let tiles: usize = lens.iter().map(|l| l.div_ceil(TILE)).sum();
+            let mut heads = std::collections::BTreeMap::<(i32, i32), usize>::new();
+            let mut used = vec![0usize; n_slots];
+            let mut per_block = Vec::new();
+            for c in b.chunks(4) {
+                let (start, len, tile, code) = (c[0], c[1], c[2], c[3] as usize);
+                let span = (len as usize).div_ceil(TILE) - tile as usize;
+                let (parts, part, slot) = match code {
+                    0 => (1, 0, usize::MAX),
+                    _ => (code & 15, (code >> 4) & 15, code >> 8),
+                };
+                assert!(g.is_multiple_of(parts) && part < parts, "{code:#x}");
+                *heads.entry((start, tile)).or_default() += g / parts;
+                per_block.push(g / parts * span);
+                if parts > 1 {
+                    used[slot + part] += 1;
+                }
+            }
+            assert_eq!(heads.len(), tiles, "G {g}");
+            assert!(heads.values().all(|&h| h == g), "G {g}: {heads:?}");
+            assert!(used.iter().all(|&u| u == 1), "G {g}: slots {used:?}");
+            assert!(per_block.windows(2).all(|w| w[0] >= w[1]));
+            let total: usize = heads
+                .keys()
+                .map(|&(start, tile)| {
+                    let len = lens[cu.iter().position(|&c| c == start).unwrap()];
+                    g * (len.div_ceil(TILE) - tile as usize) * hkv
+                })
+                .sum();
+            match slots {
+                0 => assert!(splits.is_empty()),
+                n if g > 1 => {
+                    assert!(
+                        !splits.is_empty(),
+                        "G {g}: the 4096 document's first tiles split"
+                    );
+                    let share = total.div_ceil(n);
+                    let longest = per_block[0];
+                    assert!(
+                        longest <= share || longest == (4096 / TILE),
+                        "{longest} > {share}"
+                    );
+                }
+                _ => assert!(splits.is_empty()),
+            }
+            // The split list: each item's S and first slot, slots in order.
+            let mut next = 0;
+            for c in splits.chunks(4) {
+                let (parts, first) = ((c[3] & 255) as usize, (c[3] >> 8) as usize);
+                assert_eq!(first, next);
+                next += parts;
+            }
+            assert_eq!(next, n_slots);
+        }
+    }
+}

@@ -332,9 +332,12 @@ fn op_list<B: Backend>(c: &mut Cases<B>) {
     // The CUDA backend fuses them on Hopper's wgmma kernels (the "[act]" pass's bf16 buffers);
     // elsewhere, and on the CPU, they are the two ops in a row. Positions run past 5000 in the
     // odd documents (a document may start anywhere, e.g. a continued one).
+    // (H = Hkv: one query head per kv head, so no dK/dV item is split and the fused rotation
+    // runs in the kernel's whole-tile store.)
     for (d, h, hkv, theta) in [
         (32usize, 8usize, 2usize, 10000.0),
         (64, 8, 2, 10000.0),
+        (64, 4, 4, 10000.0),
         (128, 4, 1, 500000.0),
     ] {
         let positions = |lens: &[usize]| -> Vec<i32> {

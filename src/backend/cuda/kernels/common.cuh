@@ -94,9 +94,9 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
     return warp_sum(v);
 }
 
-// One RoPE pair (x1, x2) = (x[j], x[j + D/2]) rotated by the angle with cosine c and sine s
-// (rope.cu's math and rounding; the flash kernels that fuse RoPE call it too, so a rotated
-// value is bitwise the same wherever it is computed).
+// One RoPE pair (x1, x2) = (x[j], x[j + D/2]) rotated by the angle with cosine c and sine s:
+// rope.cu's math and rounding (see its "Rounding"), shared with the flash backward kernels
+// that fuse RoPE's backward.
 __device__ __forceinline__ void rope_pair(float& x1, float& x2, float c, float s) {
     float y1 = __fmaf_rn(x1, c, -__fmul_rn(x2, s));
     float y2 = __fmaf_rn(x1, s, __fmul_rn(x2, c));

@@ -191,7 +191,6 @@ __device__ __forceinline__ void fa_wgmma_rs_d(float* d, const unsigned* a,
         fa_wgmma_rs_n128(d, a, fa_desc(b, FA_TILE * 128));
 }
 
-
 // RoPE's backward fused into the wgmma kernels (Backend::attention_rope_backward): rope.cu's
 // inverse rotation of the pairs (j, j + D/2) of dQ's and dK's heads by a = positions[t]
 // inv_freq[j], with cos a and sin a read from the table rope_table wrote (rope[t D/2 + j]) and

@@ -46,29 +46,45 @@ pub struct HostTensor {
     pub data: Vec<f32>,
 }
 
-fn split_rows(
-    name_of: impl Fn(&str) -> String,
-    pieces: &[(&str, usize)],
+/// A named tensor whose values are borrowed: what [`save_safetensors_refs`] writes, so a
+/// checkpoint goes to disk without copying 13 GB of host memory first (TinyLlama's weights
+/// and moments).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorRef<'a> {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub data: &'a [f32],
+}
+
+impl HostTensor {
+    pub fn borrowed(&self) -> TensorRef<'_> {
+        TensorRef {
+            name: self.name.clone(),
+            shape: self.shape.clone(),
+            data: &self.data,
+        }
+    }
+}
+
+fn split_rows<'a, 'p>(
+    pieces: &'p [(String, usize)],
     cols: usize,
-    data: &[f32],
-) -> Vec<HostTensor> {
+    data: &'a [f32],
+) -> impl Iterator<Item = TensorRef<'a>> + use<'a, 'p> {
     let mut row = 0;
-    pieces
-        .iter()
-        .map(|&(piece, rows)| {
-            let t = HostTensor {
-                name: name_of(piece),
-                shape: if cols == 1 {
-                    vec![rows]
-                } else {
-                    vec![rows, cols]
-                },
-                data: data[row * cols..(row + rows) * cols].to_vec(),
-            };
-            row += rows;
-            t
-        })
-        .collect()
+    pieces.iter().map(move |(piece, rows)| {
+        let t = TensorRef {
+            name: piece.clone(),
+            shape: if cols == 1 {
+                vec![*rows]
+            } else {
+                vec![*rows, cols]
+            },
+            data: &data[row * cols..(row + rows) * cols],
+        };
+        row += rows;
+        t
+    })
 }
 
 /// The pieces a fused tensor splits into: (HF name suffix, rows).
@@ -94,6 +110,22 @@ fn pieces(cfg: &ModelConfig, fused_name: &str) -> Option<Vec<(String, usize)>> {
 
 /// Our tensors (layout order) as HF-named tensors.
 pub fn to_hf(layout: &ParamLayout, cfg: &ModelConfig, weights: &[Vec<f32>]) -> Vec<HostTensor> {
+    to_hf_refs(layout, cfg, weights)
+        .into_iter()
+        .map(|t| HostTensor {
+            name: t.name,
+            shape: t.shape,
+            data: t.data.to_vec(),
+        })
+        .collect()
+}
+
+/// [`to_hf`] without copies: a fused tensor's HF pieces are row ranges of it.
+pub fn to_hf_refs<'a>(
+    layout: &ParamLayout,
+    cfg: &ModelConfig,
+    weights: &'a [Vec<f32>],
+) -> Vec<TensorRef<'a>> {
     let mut out = Vec::new();
     for (spec, data) in layout.specs.iter().zip(weights) {
         match pieces(cfg, &spec.name) {
@@ -103,13 +135,12 @@ pub fn to_hf(layout: &ParamLayout, cfg: &ModelConfig, weights: &[Vec<f32>]) -> V
                 } else {
                     1
                 };
-                let named: Vec<(&str, usize)> = ps.iter().map(|(n, r)| (n.as_str(), *r)).collect();
-                out.extend(split_rows(|n| n.to_string(), &named, cols, data));
+                out.extend(split_rows(&ps, cols, data));
             }
-            None => out.push(HostTensor {
+            None => out.push(TensorRef {
                 name: spec.name.clone(),
                 shape: spec.shape.clone(),
-                data: data.clone(),
+                data,
             }),
         }
     }
@@ -168,12 +199,17 @@ pub fn from_hf(
 /// a TinyLlama checkpoint is 13 GB, which the copies into one byte vector and then one
 /// serialized buffer had tripled in memory.
 pub fn save_safetensors(path: &Path, tensors: &[HostTensor]) -> Result<(), WeightsError> {
+    let refs: Vec<TensorRef<'_>> = tensors.iter().map(HostTensor::borrowed).collect();
+    save_safetensors_refs(path, &refs)
+}
+
+/// [`save_safetensors`] of borrowed tensors.
+pub fn save_safetensors_refs(path: &Path, tensors: &[TensorRef<'_>]) -> Result<(), WeightsError> {
     let io = |source| WeightsError::Io {
         path: path.to_path_buf(),
         source,
     };
-    let bytes: Vec<std::borrow::Cow<'_, [u8]>> =
-        tensors.iter().map(|t| le_bytes(&t.data)).collect();
+    let bytes: Vec<std::borrow::Cow<'_, [u8]>> = tensors.iter().map(|t| le_bytes(t.data)).collect();
     let views = tensors
         .iter()
         .zip(&bytes)
@@ -262,7 +298,7 @@ pub fn save_model(
     cfg: &ModelConfig,
     weights: &[Vec<f32>],
 ) -> Result<(), WeightsError> {
-    save_safetensors(path, &to_hf(layout, cfg, weights))
+    save_safetensors_refs(path, &to_hf_refs(layout, cfg, weights))
 }
 
 /// Load a model's weights (layout order) from HF-named safetensors.
@@ -301,6 +337,35 @@ mod tests {
         assert!(names.contains(&"model.layers.1.self_attn.v_proj.bias".to_string()));
         assert!(names.contains(&"lm_head.weight".to_string()));
         assert_eq!(load_model(&path, &layout, &cfg).unwrap(), w);
+    }
+
+    /// The borrowed HF tensors are the owned ones, and a fused tensor's pieces are row ranges
+    /// of its own memory (nothing copied).
+    #[test]
+    fn hf_refs_borrow_the_fused_tensors() {
+        let cfg = ModelConfig {
+            qkv_bias: true,
+            ..ModelConfig::default()
+        };
+        let layout = ParamLayout::new(&cfg);
+        let w = layout.init(&cfg, 5);
+        let refs = to_hf_refs(&layout, &cfg, &w);
+        let owned = to_hf(&layout, &cfg, &w);
+        assert_eq!(refs.len(), owned.len());
+        for (r, o) in refs.iter().zip(&owned) {
+            assert_eq!(r, &o.borrowed());
+        }
+        let qkv = layout
+            .specs
+            .iter()
+            .position(|s| s.name == "model.layers.0.self_attn.qkv_proj.weight")
+            .unwrap();
+        let k = refs
+            .iter()
+            .find(|t| t.name == "model.layers.0.self_attn.k_proj.weight")
+            .unwrap();
+        let at = cfg.n_heads * cfg.head_dim() * cfg.d_model;
+        assert!(std::ptr::eq(k.data.as_ptr(), w[qkv][at..].as_ptr()));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
-use crate::model::weights::{self, HostTensor, WeightsError};
+use crate::model::weights::{self, TensorRef, WeightsError};
 use crate::model::ParamLayout;
 
 #[derive(Debug, thiserror::Error)]
@@ -91,19 +91,19 @@ pub fn save(
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
 
     weights::save_model(&tmp.join(MODEL), layout, &config.model, weights)?;
-    let moments: Vec<HostTensor> = layout
+    let moments: Vec<TensorRef<'_>> = layout
         .specs
         .iter()
         .enumerate()
         .flat_map(|(i, s)| {
-            [("m", &m[i]), ("v", &v[i])].map(|(k, data)| HostTensor {
+            [("m", &m[i]), ("v", &v[i])].map(|(k, data)| TensorRef {
                 name: format!("{k}.{}", s.name),
                 shape: s.shape.clone(),
-                data: data.clone(),
+                data,
             })
         })
         .collect();
-    weights::save_safetensors(&tmp.join(OPTIMIZER), &moments)?;
+    weights::save_safetensors_refs(&tmp.join(OPTIMIZER), &moments)?;
     let state_path = tmp.join(STATE);
     let json = serde_json::to_vec_pretty(state).map_err(|e| CheckpointError::State {
         path: state_path.clone(),

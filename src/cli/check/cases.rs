@@ -2,7 +2,7 @@
 
 use rand::Rng;
 
-use super::harness::{cu_of, positions_of, ragged_lengths, CaseError, CaseRun, Cases};
+use super::harness::{cu_of, positions_of, ragged_lengths, CaseError, CaseRun, Cases, Io};
 use super::model_case::{model_case, ModelOutputs};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{AdamWStep, AdamWTensor, AttnDims, Backend, GradWrite};
@@ -306,24 +306,12 @@ fn op_list<B: Backend>(c: &mut Cases<B>) {
             format!("attention_backward[D={d},H={h},Hkv={hkv}]"),
             "attention",
             |io| {
-                let lens = ragged_lengths(&mut io.rng, OP_DOCS, OP_TOKENS, true);
-                let dims = attn_dims(&lens, h, hkv, d);
-                let qkv = io.randn(dims.t * dims.qkv_width(), 1.0);
-                let dout = io.randn(dims.t * h * d, 1.0);
-                let cu = cu_of(&lens);
-                // out and lse of these inputs, from the reference (the same for both backends).
-                let (out, lse) = reference_attention(&qkv, &cu, dims)?;
-                let (qb, ob, lb, db) = (
-                    io.input(&qkv)?,
-                    io.input(&out)?,
-                    io.full(&lse)?,
-                    io.input(&dout)?,
-                );
-                let cub = io.input_idx(&cu)?;
-                let mut dqkv = io.poisoned(dims.t * dims.qkv_width())?;
-                io.be
-                    .attention_backward(&mut dqkv, &db, &qb, &ob, &lb, &cub, dims)?;
-                io.output("dqkv", &dqkv, dims.t * dims.qkv_width())
+                let b = backward_inputs(io, h, hkv, d)?;
+                let mut dqkv = io.poisoned(b.dims.t * b.dims.qkv_width())?;
+                io.be.attention_backward(
+                    &mut dqkv, &b.dout, &b.qkv, &b.out, &b.lse, &b.cu, b.dims,
+                )?;
+                io.output("dqkv", &dqkv, b.dims.t * b.dims.qkv_width())
             },
         );
     }
@@ -355,26 +343,15 @@ fn op_list<B: Backend>(c: &mut Cases<B>) {
             format!("attention_rope_backward[D={d},H={h},Hkv={hkv}]"),
             "attention",
             |io| {
-                let lens = ragged_lengths(&mut io.rng, OP_DOCS, OP_TOKENS, true);
-                let dims = attn_dims(&lens, h, hkv, d);
-                let qkv = io.randn(dims.t * dims.qkv_width(), 1.0);
-                let dout = io.randn(dims.t * h * d, 1.0);
-                let cu = cu_of(&lens);
-                // qkv stands for the rotated one; out and lse are the reference's for it.
-                let (out, lse) = reference_attention(&qkv, &cu, dims)?;
-                let (qb, ob, lb, db) = (
-                    io.input(&qkv)?,
-                    io.input(&out)?,
-                    io.full(&lse)?,
-                    io.input(&dout)?,
-                );
-                let (cub, pos) = (io.input_idx(&cu)?, io.input_idx(&positions(&lens))?);
+                // qkv stands for the rotated one.
+                let b = backward_inputs(io, h, hkv, d)?;
+                let pos = io.input_idx(&positions(&b.lens))?;
                 let inv = io.full(&rope_inv_freq(theta, d))?;
-                let mut dqkv = io.poisoned(dims.t * dims.qkv_width())?;
+                let mut dqkv = io.poisoned(b.dims.t * b.dims.qkv_width())?;
                 io.be.attention_rope_backward(
-                    &mut dqkv, &db, &qb, &ob, &lb, &pos, &inv, &cub, dims,
+                    &mut dqkv, &b.dout, &b.qkv, &b.out, &b.lse, &pos, &inv, &b.cu, b.dims,
                 )?;
-                io.output("dqkv", &dqkv, dims.t * dims.qkv_width())
+                io.output("dqkv", &dqkv, b.dims.t * b.dims.qkv_width())
             },
         );
     }
@@ -695,6 +672,42 @@ fn attn_dims(lens: &[usize], h: usize, hkv: usize, d: usize) -> AttnDims {
 }
 
 /// out `[T, H D]` and lse `[H, T]` of the CPU backend.
+/// An attention backward case's inputs on `io`'s backend: ragged documents (lengths `lens`),
+/// random qkv and dout, and out and lse of the reference for that qkv (the same for both
+/// backends).
+struct BackwardInputs<B: Backend> {
+    lens: Vec<usize>,
+    dims: AttnDims,
+    qkv: B::Buf,
+    out: B::Buf,
+    lse: B::Buf,
+    dout: B::Buf,
+    cu: B::IdxBuf,
+}
+
+fn backward_inputs<B: Backend>(
+    io: &mut Io<B>,
+    h: usize,
+    hkv: usize,
+    d: usize,
+) -> Result<BackwardInputs<B>, CaseError> {
+    let lens = ragged_lengths(&mut io.rng, OP_DOCS, OP_TOKENS, true);
+    let dims = attn_dims(&lens, h, hkv, d);
+    let qkv = io.randn(dims.t * dims.qkv_width(), 1.0);
+    let dout = io.randn(dims.t * h * d, 1.0);
+    let cu = cu_of(&lens);
+    let (out, lse) = reference_attention(&qkv, &cu, dims)?;
+    Ok(BackwardInputs {
+        dims,
+        qkv: io.input(&qkv)?,
+        out: io.input(&out)?,
+        lse: io.full(&lse)?,
+        dout: io.input(&dout)?,
+        cu: io.input_idx(&cu)?,
+        lens,
+    })
+}
+
 fn reference_attention(
     qkv: &[f32],
     cu: &[i32],

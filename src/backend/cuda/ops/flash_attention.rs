@@ -394,34 +394,7 @@ pub fn backward(
     dims: AttnDims,
 ) -> Result<(), BackendError> {
     const OP: &str = "attention_backward (flash)";
-    check_backward(OP, dqkv, dout, qkv, out, lse, cu_seqlens, dims)?;
-    let cu = &cu_seqlens.host[..=dims.n_docs];
-    let split = split_for(be, &dims, qkv.dtype());
-    with_items(be, cu, split, OP, |lists| {
-        backward_launch(be, dqkv, dout, qkv, out, lse, dims, lists, None)
-    })
-}
-
-#[allow(clippy::too_many_arguments)]
-fn check_backward(
-    op: &'static str,
-    dqkv: &CudaBuf,
-    dout: &CudaBuf,
-    qkv: &CudaBuf,
-    out: &CudaBuf,
-    lse: &CudaBuf,
-    cu_seqlens: &CudaIdx,
-    dims: AttnDims,
-) -> Result<(), BackendError> {
-    check(op, &dims, cu_seqlens)?;
-    need_native(op, &[dqkv, dout, qkv, out], lse)?;
-    let AttnDims { t, h, d, .. } = dims;
-    let w = dims.qkv_width();
-    need(op, "dqkv [T, QKV]", dqkv.len(), t * w)?;
-    need(op, "dout [T, H D]", dout.len(), t * h * d)?;
-    need(op, "qkv [T, QKV]", qkv.len(), t * w)?;
-    need(op, "out [T, H D]", out.len(), t * h * d)?;
-    need(op, "lse [H, T]", lse.len(), h * t)
+    backward_any_rope(be, OP, dqkv, dout, qkv, out, lse, None, cu_seqlens, dims)
 }
 
 /// The attention backward, then RoPE's backward, in the wgmma kernels ([`fuses_rope`] must
@@ -441,19 +414,49 @@ pub fn backward_rope(
     dims: AttnDims,
 ) -> Result<(), BackendError> {
     const OP: &str = "attention_rope_backward (flash)";
-    check_backward(OP, dqkv, dout, qkv, out, lse, cu_seqlens, dims)?;
-    if dq_atomic() || !wgmma(be, qkv.dtype()) {
-        return Err(shape(
-            OP,
-            "RoPE is fused into the wgmma kernels only".into(),
-        ));
-    }
-    let table = super::rope::table(be, positions, inv_freq, dims)?;
+    let rope = Some((positions, inv_freq));
+    backward_any_rope(be, OP, dqkv, dout, qkv, out, lse, rope, cu_seqlens, dims)
+}
+
+/// The checks and work lists of both backward entry points; `rope`: positions and inv_freq
+/// when RoPE's backward is fused (wgmma kernels only).
+#[allow(clippy::too_many_arguments)]
+fn backward_any_rope(
+    be: &CudaBackend,
+    op: &'static str,
+    dqkv: &mut CudaBuf,
+    dout: &CudaBuf,
+    qkv: &CudaBuf,
+    out: &CudaBuf,
+    lse: &CudaBuf,
+    rope: Option<(&CudaIdx, &CudaBuf)>,
+    cu_seqlens: &CudaIdx,
+    dims: AttnDims,
+) -> Result<(), BackendError> {
+    check(op, &dims, cu_seqlens)?;
+    need_native(op, &[dqkv, dout, qkv, out], lse)?;
+    let AttnDims { t, h, d, .. } = dims;
+    let w = dims.qkv_width();
+    need(op, "dqkv [T, QKV]", dqkv.len(), t * w)?;
+    need(op, "dout [T, H D]", dout.len(), t * h * d)?;
+    need(op, "qkv [T, QKV]", qkv.len(), t * w)?;
+    need(op, "out [T, H D]", out.len(), t * h * d)?;
+    need(op, "lse [H, T]", lse.len(), h * t)?;
+    let table = match rope {
+        Some(_) if dq_atomic() || !wgmma(be, qkv.dtype()) => {
+            return Err(shape(
+                op,
+                "RoPE is fused into the wgmma kernels only".into(),
+            ));
+        }
+        Some((positions, inv_freq)) => Some(super::rope::table(be, positions, inv_freq, dims)?),
+        None => None,
+    };
+    let table_ptr = table.as_ref().map(|t| be.ptr(t));
     let cu = &cu_seqlens.host[..=dims.n_docs];
-    let rope = Some(be.ptr(&table));
     let split = split_for(be, &dims, qkv.dtype());
-    with_items(be, cu, split, OP, |lists| {
-        backward_launch(be, dqkv, dout, qkv, out, lse, dims, lists, rope)
+    with_items(be, cu, split, op, |lists| {
+        backward_launch(be, dqkv, dout, qkv, out, lse, dims, lists, table_ptr)
     })
 }
 

@@ -22,6 +22,7 @@
 //! `FLASH_BY_DEFAULT` decides.
 
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::OnceLock;
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
@@ -85,6 +86,17 @@ pub fn mode() -> Mode {
 pub fn set_mode(m: Mode) {
     MODE.store(mode_code(m), Ordering::Relaxed);
 }
+
+/// Whether the environment variable `name` is `value`, read once per process: these switches
+/// pick kernels on every attention call (44 per TinyLlama step), so the lookup is not repeated.
+fn switch_is(cell: &'static OnceLock<bool>, name: &str, value: &str) -> bool {
+    *cell.get_or_init(|| std::env::var(name).as_deref() == Ok(value))
+}
+
+static WGMMA_OFF: OnceLock<bool> = OnceLock::new();
+static DQ_ATOMIC: OnceLock<bool> = OnceLock::new();
+static SPLIT_OFF: OnceLock<bool> = OnceLock::new();
+static ROPE_UNFUSED: OnceLock<bool> = OnceLock::new();
 
 /// Head dims the flash kernels are built for.
 pub fn supports(dims: &AttnDims) -> bool {
@@ -159,9 +171,7 @@ fn entry(k: Kernel, d: usize, e: DType) -> &'static str {
 /// mma.sync kernels, to compare the two). The backward's wgmma pair computes dQ in its own
 /// kernel, so `PACKTRAIN_FLASH_DQ=atomic` takes the mma.sync backward.
 fn wgmma(be: &CudaBackend, e: DType) -> bool {
-    e == DType::Bf16
-        && be.arch == "sm_90a"
-        && std::env::var("PACKTRAIN_FLASH_WGMMA").as_deref() != Ok("0")
+    e == DType::Bf16 && be.arch == "sm_90a" && !switch_is(&WGMMA_OFF, "PACKTRAIN_FLASH_WGMMA", "0")
 }
 
 /// Bytes of one 64 x D bf16 tile, 128-byte swizzled (no padding).
@@ -193,7 +203,7 @@ fn shared_bytes_dq_wgmma(d: usize) -> usize {
 /// f32 atomics inside the dK/dV kernel; otherwise (the default) a second kernel owns each query
 /// tile and writes dQ once (no atomics, deterministic).
 fn dq_atomic() -> bool {
-    std::env::var("PACKTRAIN_FLASH_DQ").as_deref() == Ok("atomic")
+    switch_is(&DQ_ATOMIC, "PACKTRAIN_FLASH_DQ", "atomic")
 }
 
 /// Tile buffers of the software pipeline (`FaPipe` in the kernel): K/V forward and Q/dO
@@ -307,8 +317,7 @@ fn dkdv_blocks_per_sm(d: usize) -> usize {
 /// How the dK/dV items are split (`flash_items::Split`): on the wgmma path, by the block slots
 /// of the GPU, unless `PACKTRAIN_FLASH_SPLIT=0` (whole items, to compare).
 fn split_for(be: &CudaBackend, dims: &AttnDims, e: DType) -> Split {
-    if dq_atomic() || !wgmma(be, e) || std::env::var("PACKTRAIN_FLASH_SPLIT").as_deref() == Ok("0")
-    {
+    if dq_atomic() || !wgmma(be, e) || switch_is(&SPLIT_OFF, "PACKTRAIN_FLASH_SPLIT", "0") {
         return Split::NONE;
     }
     Split {
@@ -333,7 +342,7 @@ pub fn fuses_rope(
         && tensors.first().is_some_and(|b| wgmma(be, b.dtype()))
         && !dq_atomic()
         && inv_freq.dtype() == DType::F32
-        && std::env::var("PACKTRAIN_ROPE_FUSED").as_deref() != Ok("0")
+        && !switch_is(&ROPE_UNFUSED, "PACKTRAIN_ROPE_FUSED", "0")
 }
 
 fn forward_launch(
@@ -717,6 +726,52 @@ mod tests {
             );
             close("dqkv", &got, &down(&be, &ga, t * w), 1e-2);
         }
+    }
+
+    /// The fused RoPE backward's error paths, on a GPU: f32 buffers (never the wgmma path)
+    /// are refused by name, and the cos/sin table refuses an odd head dim and positions or
+    /// inv_freq shorter than the dims say.
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn cuda_fused_rope_backward_rejects_bad_inputs() {
+        use super::super::elementwise::gpu_test::*;
+        let (be, _cpu, _rng) = setup(72);
+        let (t, h, hkv, d) = (100usize, 4usize, 1usize, 64usize);
+        let dims = AttnDims {
+            t,
+            h,
+            hkv,
+            d,
+            n_docs: 1,
+            max_seqlen: t,
+        };
+        let w = dims.qkv_width();
+        let z = |n: usize| up(&be, &vec![0.0; n]);
+        let (cu, pos) = (up_idx(&be, &[0, t as i32]), up_idx(&be, &vec![0; t]));
+        let inv = z(d / 2);
+        let (mut dqkv, dout, qkv, out, lse) =
+            (z(t * w), z(t * h * d), z(t * w), z(t * h * d), z(h * t));
+        let e = backward_rope(
+            &be, &mut dqkv, &dout, &qkv, &out, &lse, &pos, &inv, &cu, dims,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("attention_rope_backward") && e.contains("wgmma"),
+            "{e}"
+        );
+        let table = |dims: AttnDims, pos: &CudaIdx, inv: &CudaBuf| {
+            super::super::rope::table(&be, pos, inv, dims)
+                .unwrap_err()
+                .to_string()
+        };
+        let e = table(AttnDims { d: 63, ..dims }, &pos, &inv);
+        assert!(e.contains("rope_table") && e.contains("D = 63"), "{e}");
+        // (`up_idx` and `up` allocate one element more than they are given.)
+        let e = table(dims, &up_idx(&be, &vec![0; t - 2]), &inv);
+        assert!(e.contains("positions [T]"), "{e}");
+        let e = table(dims, &pos, &z(d / 2 - 2));
+        assert!(e.contains("inv_freq [D/2]"), "{e}");
     }
 
     #[test]

@@ -47,8 +47,9 @@ pub fn table(
     }
     need(OP, "positions [T]", positions.dev.len(), t)?;
     need(OP, "inv_freq [D/2]", inv_freq.len(), d / 2)?;
-    let n = prod(OP, &[t, d])?; // T D/2 pairs, two floats each
-                                // SAFETY: rope_table writes all T D/2 pairs before any kernel reads them.
+    // T D/2 pairs, two floats each.
+    let n = prod(OP, &[t, d])?;
+    // SAFETY: rope_table writes all T D/2 pairs before any kernel reads them.
     let mut tab = unsafe { be.stream.alloc::<f32>(n.max(2)) }.map_err(drv(OP))?;
     if t == 0 {
         return Ok(tab);

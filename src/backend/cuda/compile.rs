@@ -53,6 +53,7 @@ pub const SOURCES: &[KernelSource] = &[
     kernel!("flash_wgmma.cuh"),
     kernel!("flash_forward_wgmma.cu" => ["flash_common.cuh", "flash_wgmma.cuh"]),
     kernel!("flash_backward_wgmma.cu" => ["flash_common.cuh", "flash_wgmma.cuh"]),
+    kernel!("flash_forward_ws.cu" => ["flash_common.cuh", "flash_wgmma.cuh"]),
     kernel!("classifier.cu"),
 ];
 
@@ -198,6 +199,13 @@ mod tests {
                     "{} has no kernels",
                     file.file
                 );
+                if file.file == "flash_forward_ws.cu" {
+                    assert_eq!(
+                        ptx.to_src().contains("cp.async.bulk.tensor"),
+                        arch == "sm_90a",
+                        "{arch}: TMA only on sm_90a"
+                    );
+                }
                 if file.file == "flash_forward_wgmma.cu" {
                     assert_eq!(
                         ptx.to_src().contains("wgmma.mma_async"),

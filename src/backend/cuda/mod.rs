@@ -89,6 +89,8 @@ pub struct CudaBackend {
     pub act_dtype: DType,
     /// The flash kernels' work lists of the last `cu_seqlens` (ops/flash_attention.rs).
     pub(crate) flash_items: std::sync::Mutex<Option<ops::flash_items::ItemsCache>>,
+    /// The warp-specialised flash forward's schedule of the last `cu_seqlens`.
+    pub(crate) flash_ws: std::sync::Mutex<Option<ops::flash_items::WsCache>>,
 }
 
 /// Check that the driver and cuBLAS libraries can be loaded, naming the first that cannot.
@@ -195,6 +197,7 @@ impl CudaBackend {
                 _ => DType::Bf16,
             },
             flash_items: std::sync::Mutex::new(None),
+            flash_ws: std::sync::Mutex::new(None),
         })
     }
 

@@ -316,6 +316,26 @@ fn op_list<B: Backend>(c: &mut Cases<B>) {
         );
     }
 
+    // Enough 128-row query tiles x heads for several per block of the CUDA backend's
+    // persistent warp-specialised forward (D = 128 on Hopper): its Q buffers and (K, V) stages
+    // wrap around within a block.
+    c.case(
+        "attention_forward[D=128,H=16,Hkv=4,3000 tokens]".to_string(),
+        "attention",
+        |io| {
+            let (h, hkv, d) = (16usize, 4usize, 128usize);
+            let lens = ragged_lengths(&mut io.rng, 8, 3000, true);
+            let dims = attn_dims(&lens, h, hkv, d);
+            let qkv = io.randn(dims.t * dims.qkv_width(), 1.0);
+            let (qb, cu) = (io.input(&qkv)?, io.input_idx(&cu_of(&lens))?);
+            let (mut out, mut lse) = (io.poisoned(dims.t * h * d)?, io.poisoned_full(h * dims.t)?);
+            io.be
+                .attention_forward(&mut out, &mut lse, &qb, &cu, dims)?;
+            io.output("out", &out, dims.t * h * d)?;
+            io.output("lse", &lse, h * dims.t)
+        },
+    );
+
     // ------------------------------------------------------------ attention's and RoPE's backward
     // The CUDA backend fuses them on Hopper's wgmma kernels (the "[act]" pass's bf16 buffers);
     // elsewhere, and on the CPU, they are the two ops in a row. Positions run past 5000 in the

@@ -124,14 +124,23 @@ __device__ __forceinline__ void flash_bwd_dkdv_wg(__nv_bfloat16* __restrict__ dq
             fa_wg_wait0();
             fa_pin<QC / 2>(st);
             fa_pin<QC / 2>(dpt);
+            // Masked scores (keys past the query) only on the diagonal tile: -inf, so p = 0.
+            // Queries past the document need no mask: their Q, dO, lse and dsum rows are
+            // zero-filled, so dS^T = 0 and P^T multiplies a zero dO row.
+            if (diag) {
+#pragma unroll
+                for (int nb = 0; nb < QC / 8; ++nb)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        if (warp * 16 + g + (e >> 1) * 8 > qc * QC + nb * 8 + 2 * tig + (e & 1))
+                            st[4 * nb + e] = -FA_INF;
+            }
 #pragma unroll
             for (int nb = 0; nb < QC / 8; ++nb)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int ql = qc * QC + nb * 8 + 2 * tig + (e & 1);
-                    const int key = k0 + warp * 16 + g + (e >> 1) * 8;
-                    float p = exp2f(st[4 * nb + e] * scale_log2 - sL[ql] * FA_LOG2E);
-                    if ((diag && key > q0 + ql) || q0 + ql >= L) p = 0.f;
+                    const float p = exp2f(fmaf(st[4 * nb + e], scale_log2, -sL[ql] * FA_LOG2E));
                     st[4 * nb + e] = p;
                     dpt[4 * nb + e] = p * (dpt[4 * nb + e] - sD[ql]);
                 }
@@ -254,20 +263,27 @@ __device__ __forceinline__ void flash_bwd_dq_wg(__nv_bfloat16* __restrict__ dqkv
         fa_wg_wait0();
         fa_pin<32>(s);
         fa_pin<32>(dp);
-        const bool diag = kt == qt;
+        // Masked scores only on the diagonal tile (-inf: p = 0). Rows past the document need
+        // no mask: their Q and dO rows are zero-filled and lse, dsum 0, so dS = 1 (0 - 0).
+        if (kt == qt) {
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const int q = q0 + warp * 16 + g + r * 8;
+            for (int r = 0; r < 2; ++r)
+#pragma unroll
+                for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e)
+                        if (nb * 8 + 2 * tig + e > warp * 16 + g + r * 8) s[4 * nb + 2 * r + e] = -FA_INF;
+        }
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
 #pragma unroll
             for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
-                    const int key = k0 + nb * 8 + 2 * tig + e, i = 4 * nb + 2 * r + e;
-                    float p = exp2f(s[i] * scale_log2 - lse2[r]);
-                    if ((diag && key > q) || q >= L) p = 0.f;
+                    const int i = 4 * nb + 2 * r + e;
+                    const float p = exp2f(fmaf(s[i], scale_log2, -lse2[r]));
                     s[i] = p * (dp[i] - dsr[r]);  // dS
                 }
-        }
         unsigned a[4][4];
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk)

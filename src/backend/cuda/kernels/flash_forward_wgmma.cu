@@ -82,39 +82,50 @@ __device__ __forceinline__ void flash_fwd_wg(__nv_bfloat16* __restrict__ out,
         fa_wg_wait0();
         fa_pin<32>(s);
 
-        const bool diag = kt == qt;
+        // Mask keys past the query on the diagonal tile only; then, with c = scale log2 e,
+        // m' = max(m, c max s), p = 2^(c s - m') (one FFMA and one EX2 per score).
+        if (kt == qt) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int q = q0 + warp * 16 + g + r * 8;
+#pragma unroll
+                for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e)
+                        if (k0 + nb * 8 + 2 * tig + e > q) s[4 * nb + 2 * r + e] = -FA_INF;
+            }
+        }
+        float alpha[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            const int q = q0 + warp * 16 + g + r * 8;
             float mx = -FA_INF;
 #pragma unroll
             for (int nb = 0; nb < 8; ++nb)
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    float x = s[4 * nb + 2 * r + e] * scale_log2;
-                    if (diag && k0 + nb * 8 + 2 * tig + e > q) x = -FA_INF;
-                    s[4 * nb + 2 * r + e] = x;
-                    mx = fmaxf(mx, x);
-                }
+                mx = fmaxf(mx, fmaxf(s[4 * nb + 2 * r], s[4 * nb + 2 * r + 1]));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float mn = fmaxf(m[r], mx);  // finite: key 0 is in tile 0 of every row
-            const float alpha = exp2f(m[r] - mn);
+            const float mn = fmaxf(m[r], mx * scale_log2);  // finite: key 0 is in tile 0
+            alpha[r] = exp2f(m[r] - mn);
             m[r] = mn;
             float sum = 0.f;
 #pragma unroll
             for (int nb = 0; nb < 8; ++nb)
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
-                    float p = exp2f(s[4 * nb + 2 * r + e] - mn);
+                    float p = exp2f(fmaf(s[4 * nb + 2 * r + e], scale_log2, -mn));
                     s[4 * nb + 2 * r + e] = p;
                     sum += p;
                 }
-            l[r] = l[r] * alpha + sum;
+            l[r] = l[r] * alpha[r] + sum;
+        }
+        // O's rows times alpha, skipped when no row of the warp has a new maximum.
+        if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
             for (int i = 0; i < D / 8; ++i) {
-                o[4 * i + 2 * r] *= alpha;
-                o[4 * i + 2 * r + 1] *= alpha;
+                o[4 * i] *= alpha[0];
+                o[4 * i + 1] *= alpha[0];
+                o[4 * i + 2] *= alpha[1];
+                o[4 * i + 3] *= alpha[1];
             }
         }
         if constexpr (VSINGLE) {

@@ -26,7 +26,8 @@ use std::sync::OnceLock;
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
-use super::flash_items::{with_items, ItemsCache, Split};
+use super::flash_items::{with_items, with_ws_schedule, ItemsCache, Split, WS_ROWS};
+use super::tma;
 use super::{need, set_smem};
 use crate::backend::cuda::{drv, launch, CudaBackend, CudaBuf, CudaIdx, DType};
 use crate::backend::{AttnDims, BackendError};
@@ -97,6 +98,7 @@ static WGMMA_OFF: OnceLock<bool> = OnceLock::new();
 static DQ_ATOMIC: OnceLock<bool> = OnceLock::new();
 static SPLIT_OFF: OnceLock<bool> = OnceLock::new();
 static ROPE_UNFUSED: OnceLock<bool> = OnceLock::new();
+static WS_OFF: OnceLock<bool> = OnceLock::new();
 
 /// Head dims the flash kernels are built for.
 pub fn supports(dims: &AttnDims) -> bool {
@@ -300,8 +302,73 @@ pub fn forward(
     let cu = &cu_seqlens.host[..=dims.n_docs];
     // The backward's split, so the cached lists serve both directions.
     let split = split_for(be, &dims, qkv.dtype());
+    if ws_forward(be, &dims, qkv.dtype()) {
+        return forward_ws(be, out, lse, qkv, cu, dims);
+    }
     with_items(be, cu, split, OP, |lists| {
         forward_launch(be, out, lse, qkv, dims, &lists.fwd.0, lists.fwd.1)
+    })
+}
+
+/// Whether the forward runs on the warp-specialised kernel (`flash_forward_ws.cu`): bf16 at
+/// D = 128 on sm_90a, unless `PACKTRAIN_FLASH_WS=0` (the one-warpgroup wgmma kernel, to
+/// compare). At D = 64 the one-warpgroup kernel, four blocks per SM, stayed faster.
+fn ws_forward(be: &CudaBackend, dims: &AttnDims, e: DType) -> bool {
+    dims.d == 128 && wgmma(be, e) && !switch_is(&WS_OFF, "PACKTRAIN_FLASH_WS", "0")
+}
+
+/// Shared memory of the warp-specialised forward: two Q buffers of 128 rows and four (K, V)
+/// stages (flash_forward_ws.cu's FW_QBUF, FW_STAGES), plus the alignment slack.
+fn shared_bytes_fwd_ws(d: usize) -> usize {
+    (2 * 2 + 2 * 4) * tile_bytes(d) + 1024
+}
+
+/// The forward on the warp-specialised kernel (`flash_forward_ws.cu`): one persistent block
+/// of three warpgroups per SM, its units dealt by `flash_items::ws_schedule`, tiles copied by
+/// TMA through a tensor map of qkv.
+fn forward_ws(
+    be: &CudaBackend,
+    out: &mut CudaBuf,
+    lse: &mut CudaBuf,
+    qkv: &CudaBuf,
+    cu: &[i32],
+    dims: AttnDims,
+) -> Result<(), BackendError> {
+    const OP: &str = "attention_forward (flash, warp-specialised)";
+    let AttnDims { t, h, hkv, d, .. } = dims;
+    let units: usize = cu
+        .windows(2)
+        .map(|w| ((w[1] - w[0]) as usize).div_ceil(WS_ROWS))
+        .sum::<usize>()
+        * h;
+    if units == 0 {
+        return Ok(());
+    }
+    let grid = be.sm_count.min(units).max(1);
+    let name = "flash_fwd_ws_d128_bf16";
+    let smem = shared_bytes_fwd_ws(d);
+    set_smem(be, name, smem, OP)?;
+    let map = tma::bf16_2d(OP, be.raw(qkv), t, dims.qkv_width(), TILE as u32, 64)?;
+    let scale_log2 = std::f32::consts::LOG2_E / (d as f32).sqrt();
+    let (t32, h32, hkv32) = (t as i32, h as i32, hkv as i32);
+    let (po, pl) = (be.raw(out), be.raw(lse));
+    with_ws_schedule(be, cu, h, grid, OP, |ws| {
+        let cfg = LaunchConfig {
+            grid_dim: (grid as u32, 1, 1),
+            block_dim: (3 * THREADS, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        launch(be, name, cfg, |a| {
+            a.arg(&map)
+                .arg(&po)
+                .arg(&pl)
+                .arg(&ws.items)
+                .arg(&ws.sched)
+                .arg(&t32)
+                .arg(&h32)
+                .arg(&hkv32)
+                .arg(&scale_log2);
+        })
     })
 }
 

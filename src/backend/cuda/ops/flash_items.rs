@@ -93,6 +93,105 @@ pub(super) fn bwd_items(cu: &[i32], split: Split) -> (Vec<i32>, Vec<i32>, usize)
     (longest_first(out), splits, slot)
 }
 
+/// Query rows of one warp-specialised forward unit (`flash_forward_ws.cu`: two consumer
+/// warpgroups of 64 rows share each K and V tile).
+pub(super) const WS_ROWS: usize = 2 * TILE;
+
+/// The warp-specialised forward's 128-row query-tile items `[start, len, tile, 0]` with their
+/// cost: the unit's key tiles (query tile i reads 64-key tiles 0 ..= 2 i + 1, or 2 i when its
+/// second half is past the document), plus one for loading Q and storing O.
+fn ws_items(cu: &[i32]) -> Vec<(usize, [i32; 4])> {
+    let mut v = Vec::new();
+    for w in cu.windows(2) {
+        let (start, len) = (w[0], (w[1] - w[0]) as usize);
+        let key_tiles = len.div_ceil(TILE);
+        for tile in 0..len.div_ceil(WS_ROWS) {
+            let last = (2 * tile + 1).min(key_tiles - 1);
+            v.push((last + 2, [start, len as i32, tile as i32, 0]));
+        }
+    }
+    v
+}
+
+/// The persistent warp-specialised forward's schedule for `blocks` blocks and `heads` query
+/// heads: its items (int4, longest first) and `sched` = `blocks + 1` offsets, then the units
+/// (`item * heads + head`). Units are dealt longest first onto the least loaded block (LPT), so
+/// each block's list ends near the same time; a block's units are in the order dealt.
+pub(super) fn ws_schedule(cu: &[i32], heads: usize, blocks: usize) -> (Vec<i32>, Vec<i32>) {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    let mut items = ws_items(cu);
+    items.sort_by_key(|&(w, _)| Reverse(w));
+    let blocks = blocks.max(1);
+    let mut load: BinaryHeap<Reverse<(usize, usize)>> =
+        (0..blocks).map(|b| Reverse((0, b))).collect();
+    let mut lists = vec![Vec::new(); blocks];
+    for (i, &(work, _)) in items.iter().enumerate() {
+        for h in 0..heads {
+            if let Some(Reverse((l, b))) = load.pop() {
+                lists[b].push((i * heads + h) as i32);
+                load.push(Reverse((l + work, b)));
+            }
+        }
+    }
+    let mut sched = Vec::with_capacity(blocks + 1 + items.len() * heads);
+    let mut off = 0i32;
+    sched.push(0);
+    for l in &lists {
+        off += l.len() as i32;
+        sched.push(off);
+    }
+    sched.extend(lists.into_iter().flatten());
+    (items.into_iter().flat_map(|(_, it)| it).collect(), sched)
+}
+
+/// The warp-specialised forward's schedule on the device, cached like [`ItemsCache`] for the
+/// last (`cu_seqlens`, heads, blocks).
+pub struct WsCache {
+    cu: Vec<i32>,
+    heads: usize,
+    blocks: usize,
+    pub(super) items: CudaSlice<i32>,
+    pub(super) sched: CudaSlice<i32>,
+}
+
+/// Run `f` with the device schedule of the warp-specialised forward.
+pub(super) fn with_ws_schedule<R>(
+    be: &CudaBackend,
+    cu: &[i32],
+    heads: usize,
+    blocks: usize,
+    op: &'static str,
+    f: impl FnOnce(&WsCache) -> Result<R, BackendError>,
+) -> Result<R, BackendError> {
+    let mut cache = be
+        .flash_ws
+        .lock()
+        .map_err(|_| shape(op, "schedule cache poisoned by an earlier panic".into()))?;
+    if cache
+        .as_ref()
+        .is_none_or(|c| c.cu != cu || c.heads != heads || c.blocks != blocks)
+    {
+        let (items, sched) = ws_schedule(cu, heads, blocks);
+        let upload = |list: &[i32]| {
+            be.stream
+                .clone_htod(if list.is_empty() { &[0][..] } else { list })
+                .map_err(drv(op))
+        };
+        *cache = Some(WsCache {
+            cu: cu.to_vec(),
+            heads,
+            blocks,
+            items: upload(&items)?,
+            sched: upload(&sched)?,
+        });
+    }
+    let c = cache
+        .as_ref()
+        .ok_or_else(|| shape(op, "schedule cache empty".into()))?;
+    f(c)
+}
+
 /// The work lists of one `cu_seqlens` on the device: every layer of a micro-batch (forward,
 /// backward, recompute) attends over the same documents, so the lists are built and uploaded
 /// once per batch instead of three times per layer (a pageable host-to-device copy each).
@@ -183,6 +282,57 @@ mod tests {
         want.extend((0..7).map(|t| (194, t)));
         assert_eq!(seen, want);
         assert!(fwd_items(&[0, 0, 0]).is_empty());
+    }
+
+    /// The warp-specialised forward's schedule: every (128-row query tile, head) unit once,
+    /// on exactly one block; the items cover every query tile of every document, longest
+    /// first; and dealing longest first onto the least loaded block leaves no block more than
+    /// one unit's cost above another (the LPT bound).
+    #[test]
+    fn ws_schedule_deals_every_unit_once_and_balanced() {
+        let lens = [4096usize, 300, 1, 700, 64, 2000, 90, 129, 128];
+        let mut cu = vec![0i32];
+        for l in lens {
+            cu.push(cu.last().unwrap() + l as i32);
+        }
+        for (heads, blocks) in [(16usize, 132usize), (32, 7), (1, 1), (4, 1000)] {
+            let (items, sched) = ws_schedule(&cu, heads, blocks);
+            let n_items = items.len() / 4;
+            let want: usize = lens.iter().map(|l| l.div_ceil(WS_ROWS)).sum();
+            assert_eq!(n_items, want);
+            let cost = |i: usize| {
+                let (len, tile) = (items[4 * i + 1] as usize, items[4 * i + 2] as usize);
+                (2 * tile + 1).min(len.div_ceil(TILE) - 1) + 2
+            };
+            assert!((1..n_items).all(|i| cost(i - 1) >= cost(i)));
+            let mut tiles: Vec<(i32, i32)> = items.chunks(4).map(|c| (c[0], c[2])).collect();
+            tiles.sort();
+            tiles.dedup();
+            assert_eq!(tiles.len(), n_items);
+            let (off, units) = sched.split_at(blocks + 1);
+            assert_eq!(off[0], 0);
+            assert!(off.windows(2).all(|w| w[0] <= w[1]));
+            assert_eq!(off[blocks] as usize, units.len());
+            let mut seen = units.to_vec();
+            seen.sort();
+            assert_eq!(seen, (0..(n_items * heads) as i32).collect::<Vec<_>>());
+            let loads: Vec<usize> = off
+                .windows(2)
+                .map(|w| {
+                    units[w[0] as usize..w[1] as usize]
+                        .iter()
+                        .map(|&u| cost(u as usize / heads))
+                        .sum()
+                })
+                .collect();
+            let (lo, hi) = (loads.iter().min().unwrap(), loads.iter().max().unwrap());
+            assert!(
+                hi - lo <= cost(0),
+                "heads {heads} blocks {blocks}: {lo} .. {hi}"
+            );
+        }
+        let (items, sched) = ws_schedule(&[0, 0], 8, 4);
+        assert!(items.is_empty() && sched == [0, 0, 0, 0, 0]);
     }
 
     /// Split dK/dV items: every (document, key tile) is one whole item or S parts (S dividing

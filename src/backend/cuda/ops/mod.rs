@@ -14,6 +14,7 @@ pub mod rmsnorm;
 pub mod rope;
 pub(crate) mod staging;
 pub mod swiglu;
+mod tma;
 
 use cudarc::driver::sys::CUfunction_attribute_enum;
 

@@ -20,8 +20,9 @@
 //   warpgroups 1 and 2, the consumers (setmaxnreg 240): query rows 64 c .. 64 c + 63 of the
 //     block's 128-row tile. Per key tile kt they issue S = Q K^T for kt and O += P V for kt - 1
 //     together, so the softmax of tile kt runs while the tensor cores do P V of kt - 1.
-// Handshakes are mbarriers: full_k / full_v (the TMA's byte count completes them), empty (one
-// arrival per consumer warp once its products have read the stage), q_full / q_empty for Q.
+// Handshakes are mbarriers (flash_ws.cuh): full_k / full_v (the TMA's byte count completes
+// them), empty (one arrival per consumer warp once its products have read the stage), q_full /
+// q_empty for Q.
 //
 // Scheduling: units are (128-row query tile, head) pairs; the host deals them to gridDim.x
 // blocks longest first onto the least loaded block (flash_items.rs, `ws_schedule`) and hands
@@ -37,49 +38,6 @@
 #define FW_STAGES 4
 #define FW_QBUF 2
 
-struct __align__(64) FaTmap {
-    unsigned long long v[16];
-};
-
-__device__ __forceinline__ unsigned fw_smem_addr(const void* p) {
-    return (unsigned)__cvta_generic_to_shared(p);
-}
-__device__ __forceinline__ void fw_bar_init(unsigned long long* b, unsigned count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(fw_smem_addr(b)), "r"(count));
-}
-__device__ __forceinline__ void fw_bar_expect(unsigned long long* b, unsigned bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(fw_smem_addr(b)),
-                 "r"(bytes)
-                 : "memory");
-}
-__device__ __forceinline__ void fw_bar_arrive(unsigned long long* b) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(fw_smem_addr(b)) : "memory");
-}
-// Wait until the barrier's phase of parity `parity` has completed.
-__device__ __forceinline__ void fw_bar_wait(unsigned long long* b, unsigned parity) {
-    asm volatile(
-        "{\n.reg .pred p;\nFW_WAIT:\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
-        "@!p bra FW_WAIT;\n}\n" ::"r"(fw_smem_addr(b)),
-        "r"(parity)
-        : "memory");
-}
-// One 64 x 64 box at column x, row y of the tensor map into `dst` (1024-byte aligned).
-__device__ __forceinline__ void fw_tma(unsigned short* dst, const FaTmap* map, int x, int y,
-                                       unsigned long long* bar) {
-    asm volatile(
-        "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-        " [%0], [%1, {%2, %3}], [%4];" ::"r"(fw_smem_addr(dst)),
-        "l"(reinterpret_cast<unsigned long long>(map)), "r"(x), "r"(y), "r"(fw_smem_addr(bar))
-        : "memory");
-}
-// A 64-row tile of D columns starting at column x: D / 64 boxes, one atom each.
-template <int D>
-__device__ __forceinline__ void fw_tma_tile(unsigned short* dst, const FaTmap* map, int x,
-                                            int y, unsigned long long* bar) {
-#pragma unroll
-    for (int a = 0; a < D / 64; ++a) fw_tma(dst + a * FA_TILE * 64, map, x + 64 * a, y, bar);
-}
 
 // Online softmax of one S tile (s: this warp's 16 rows of 64 keys, raw Q K^T, masked keys at
 // -inf) into P (bf16 A fragments of the P V product): with c = scale log2 e,
@@ -134,11 +92,6 @@ __device__ __forceinline__ void fw_rescale(float* o, const float* alpha) {
     }
 }
 
-__device__ __forceinline__ void fw_pin_p(unsigned (*p)[4]) {
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk)
-        asm volatile("" : "+r"(p[kk][0]), "+r"(p[kk][1]), "+r"(p[kk][2]), "+r"(p[kk][3])::"memory");
-}
 
 // S = Q K^T for one 64-key tile, issued (not waited for).
 template <int D>
@@ -156,6 +109,13 @@ __device__ __forceinline__ void fw_issue_pv(float* o, unsigned (*p)[4],
                                             const unsigned short* sV) {
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) fa_wgmma_rs_d<D>(o, p[kk], sV + kk * 16 * 64);
+}
+
+// Pin P's registers (live until its product is done, so a new P cannot take them).
+__device__ __forceinline__ void fw_pin_p(unsigned (*p)[4]) {
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+        asm volatile("" : "+r"(p[kk][0]), "+r"(p[kk][1]), "+r"(p[kk][2]), "+r"(p[kk][3])::"memory");
 }
 
 // Mask the keys past the query on the rows' own (diagonal) tile: s = -inf there.
@@ -360,10 +320,6 @@ __device__ __forceinline__ void flash_fwd_ws(const FaTmap* map, __nv_bfloat16* _
         }
     }
 }
-#else
-struct __align__(64) FaTmap {
-    unsigned long long v[16];
-};
 #endif  // FA_WG
 
 #if FA_WG

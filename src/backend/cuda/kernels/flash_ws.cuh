@@ -1,0 +1,57 @@
+// Hopper's TMA and mbarriers for the warp-specialised flash forward (flash_forward_ws.cu;
+// compile.rs pastes this after flash_wgmma.cuh): a producer thread copies 64 x 64 bf16 boxes
+// through a tensor map (ops/tma.rs) into 128-byte-swizzled tiles (flash_wgmma.cuh's layout),
+// and consumer warps wait for them on mbarriers.
+//   full barriers: the producer arrives with the bytes it expects (arrive.expect_tx); the
+//     TMA's bytes complete the phase.
+//   empty barriers: one arrival per consumer warp once its products have read the buffer.
+// A barrier's phase n completes once; waiters pass parity n & 1.
+#pragma once
+
+// The 128-byte CUtensorMap, passed by value (`const __grid_constant__`).
+struct __align__(64) FaTmap {
+    unsigned long long v[16];
+};
+
+#if FA_WG
+__device__ __forceinline__ unsigned fw_smem_addr(const void* p) {
+    return (unsigned)__cvta_generic_to_shared(p);
+}
+__device__ __forceinline__ void fw_bar_init(unsigned long long* b, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(fw_smem_addr(b)), "r"(count));
+}
+__device__ __forceinline__ void fw_bar_expect(unsigned long long* b, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(fw_smem_addr(b)),
+                 "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void fw_bar_arrive(unsigned long long* b) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(fw_smem_addr(b)) : "memory");
+}
+// Wait until the barrier's phase of parity `parity` has completed.
+__device__ __forceinline__ void fw_bar_wait(unsigned long long* b, unsigned parity) {
+    asm volatile(
+        "{\n.reg .pred p;\nFW_WAIT:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+        "@!p bra FW_WAIT;\n}\n" ::"r"(fw_smem_addr(b)),
+        "r"(parity)
+        : "memory");
+}
+// One 64 x 64 box at column x, row y of the tensor map into `dst` (1024-byte aligned).
+__device__ __forceinline__ void fw_tma(unsigned short* dst, const FaTmap* map, int x, int y,
+                                       unsigned long long* bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+        " [%0], [%1, {%2, %3}], [%4];" ::"r"(fw_smem_addr(dst)),
+        "l"(reinterpret_cast<unsigned long long>(map)), "r"(x), "r"(y), "r"(fw_smem_addr(bar))
+        : "memory");
+}
+// A 64-row tile of D columns starting at column x: D / 64 boxes, one atom each.
+template <int D>
+__device__ __forceinline__ void fw_tma_tile(unsigned short* dst, const FaTmap* map, int x,
+                                            int y, unsigned long long* bar) {
+#pragma unroll
+    for (int a = 0; a < D / 64; ++a) fw_tma(dst + a * FA_TILE * 64, map, x + 64 * a, y, bar);
+}
+
+#endif  // FA_WG

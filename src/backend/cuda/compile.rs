@@ -55,6 +55,8 @@ pub const SOURCES: &[KernelSource] = &[
     kernel!("flash_backward_wgmma.cu" => ["flash_common.cuh", "flash_wgmma.cuh"]),
     kernel!("flash_ws.cuh"),
     kernel!("flash_forward_ws.cu" => ["flash_common.cuh", "flash_wgmma.cuh", "flash_ws.cuh"]),
+    kernel!("flash_backward_ws.cu" => ["flash_common.cuh", "flash_wgmma.cuh", "flash_ws.cuh"]),
+    kernel!("flash_backward_dq_ws.cu" => ["flash_common.cuh", "flash_wgmma.cuh", "flash_ws.cuh"]),
     kernel!("classifier.cu"),
 ];
 

@@ -91,6 +91,8 @@ pub struct CudaBackend {
     pub(crate) flash_items: std::sync::Mutex<Option<ops::flash_items::ItemsCache>>,
     /// The warp-specialised flash forward's schedule of the last `cu_seqlens`.
     pub(crate) flash_ws: std::sync::Mutex<Option<ops::flash_items::WsCache>>,
+    /// The warp-specialised dK/dV kernel's schedule of the last `cu_seqlens`.
+    pub(crate) flash_ws_bwd: std::sync::Mutex<Option<ops::flash_items::WsCache>>,
 }
 
 /// Check that the driver and cuBLAS libraries can be loaded, naming the first that cannot.
@@ -198,6 +200,7 @@ impl CudaBackend {
             },
             flash_items: std::sync::Mutex::new(None),
             flash_ws: std::sync::Mutex::new(None),
+            flash_ws_bwd: std::sync::Mutex::new(None),
         })
     }
 

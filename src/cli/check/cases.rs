@@ -316,9 +316,9 @@ fn op_list<B: Backend>(c: &mut Cases<B>) {
         );
     }
 
-    // Enough 128-row query tiles x heads for several per block of the CUDA backend's
-    // persistent warp-specialised forward (D = 128 on Hopper): its Q buffers and (K, V) stages
-    // wrap around within a block.
+    // Enough 128-row tiles x heads for several per block of the CUDA backend's persistent
+    // warp-specialised kernels (D = 128 on Hopper): their buffers and stages wrap around
+    // within a block.
     c.case(
         "attention_forward[D=128,H=16,Hkv=4,3000 tokens]".to_string(),
         "attention",
@@ -333,6 +333,18 @@ fn op_list<B: Backend>(c: &mut Cases<B>) {
                 .attention_forward(&mut out, &mut lse, &qb, &cu, dims)?;
             io.output("out", &out, dims.t * h * d)?;
             io.output("lse", &lse, h * dims.t)
+        },
+    );
+
+    c.case(
+        "attention_backward[D=128,H=16,Hkv=4,3000 tokens]".to_string(),
+        "attention",
+        |io| {
+            let b = backward_inputs_of(io, 16, 4, 128, 8, 3000)?;
+            let mut dqkv = io.poisoned(b.dims.t * b.dims.qkv_width())?;
+            io.be
+                .attention_backward(&mut dqkv, &b.dout, &b.qkv, &b.out, &b.lse, &b.cu, b.dims)?;
+            io.output("dqkv", &dqkv, b.dims.t * b.dims.qkv_width())
         },
     );
 
@@ -711,7 +723,19 @@ fn backward_inputs<B: Backend>(
     hkv: usize,
     d: usize,
 ) -> Result<BackwardInputs<B>, CaseError> {
-    let lens = ragged_lengths(&mut io.rng, OP_DOCS, OP_TOKENS, true);
+    backward_inputs_of(io, h, hkv, d, OP_DOCS, OP_TOKENS)
+}
+
+/// [`backward_inputs`] over `docs` documents of `tokens` in all.
+fn backward_inputs_of<B: Backend>(
+    io: &mut Io<B>,
+    h: usize,
+    hkv: usize,
+    d: usize,
+    docs: usize,
+    tokens: usize,
+) -> Result<BackwardInputs<B>, CaseError> {
+    let lens = ragged_lengths(&mut io.rng, docs, tokens, true);
     let dims = attn_dims(&lens, h, hkv, d);
     let qkv = io.randn(dims.t * dims.qkv_width(), 1.0);
     let dout = io.randn(dims.t * h * d, 1.0);

@@ -54,4 +54,23 @@ __device__ __forceinline__ void fw_tma_tile(unsigned short* dst, const FaTmap* m
     for (int a = 0; a < D / 64; ++a) fw_tma(dst + a * FA_TILE * 64, map, x + 64 * a, y, bar);
 }
 
+
+// Shared by the warp-specialised kernels' score stages.
+// Pin P's registers (live until its product is done, so a new P cannot take them).
+__device__ __forceinline__ void fw_pin_p(unsigned (*p)[4]) {
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+        asm volatile("" : "+r"(p[kk][0]), "+r"(p[kk][1]), "+r"(p[kk][2]), "+r"(p[kk][3])::"memory");
+}
+
+// Mask the keys past the query on the rows' own (diagonal) tile: s = -inf there.
+__device__ __forceinline__ void fw_mask(float* s, int k0, int q, int tig) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+            for (int e = 0; e < 2; ++e)
+                if (k0 + nb * 8 + 2 * tig + e > q + 8 * r) s[4 * nb + 2 * r + e] = -FA_INF;
+}
 #endif  // FA_WG

@@ -26,7 +26,7 @@ use std::sync::OnceLock;
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
-use super::flash_items::{with_items, with_ws_schedule, ItemsCache, Split, WS_ROWS};
+use super::flash_items::{with_items, with_ws_schedule, ItemsCache, Split, WsKind, WS_ROWS};
 use super::tma;
 use super::{need, set_smem};
 use crate::backend::cuda::{drv, launch, CudaBackend, CudaBuf, CudaIdx, DType};
@@ -336,11 +336,7 @@ fn forward_ws(
 ) -> Result<(), BackendError> {
     const OP: &str = "attention_forward (flash, warp-specialised)";
     let AttnDims { t, h, hkv, d, .. } = dims;
-    let units: usize = cu
-        .windows(2)
-        .map(|w| ((w[1] - w[0]) as usize).div_ceil(WS_ROWS))
-        .sum::<usize>()
-        * h;
+    let units = ws_units(cu, h);
     if units == 0 {
         return Ok(());
     }
@@ -352,7 +348,7 @@ fn forward_ws(
     let scale_log2 = std::f32::consts::LOG2_E / (d as f32).sqrt();
     let (t32, h32, hkv32) = (t as i32, h as i32, hkv as i32);
     let (po, pl) = (be.raw(out), be.raw(lse));
-    with_ws_schedule(be, cu, h, grid, OP, |ws| {
+    with_ws_schedule(be, cu, WsKind::Forward, h, grid, OP, |ws| {
         let cfg = LaunchConfig {
             grid_dim: (grid as u32, 1, 1),
             block_dim: (3 * THREADS, 1, 1),
@@ -384,7 +380,11 @@ fn dkdv_blocks_per_sm(d: usize) -> usize {
 /// How the dK/dV items are split (`flash_items::Split`): on the wgmma path, by the block slots
 /// of the GPU, unless `PACKTRAIN_FLASH_SPLIT=0` (whole items, to compare).
 fn split_for(be: &CudaBackend, dims: &AttnDims, e: DType) -> Split {
-    if dq_atomic() || !wgmma(be, e) || switch_is(&SPLIT_OFF, "PACKTRAIN_FLASH_SPLIT", "0") {
+    if dq_atomic()
+        || !wgmma(be, e)
+        || ws_dkdv(be, dims, e)
+        || switch_is(&SPLIT_OFF, "PACKTRAIN_FLASH_SPLIT", "0")
+    {
         return Split::NONE;
     }
     Split {
@@ -455,6 +455,138 @@ fn forward_launch(
             .arg(&hkv32)
             .arg(&scale_log2);
     })
+}
+
+/// Whether dK/dV run on the warp-specialised kernel (`flash_backward_ws.cu`): as
+/// [`ws_forward`] (bf16, D = 128, sm_90a, unless `PACKTRAIN_FLASH_WS=0`). Its persistent
+/// blocks take the place of the split items.
+fn ws_dkdv(be: &CudaBackend, dims: &AttnDims, e: DType) -> bool {
+    ws_forward(be, dims, e) && !dq_atomic()
+}
+
+/// The D = 128 backward on the warp-specialised kernels: dQ first (it also computes dsum, so no
+/// `flash_bwd_pre` pass), then dK/dV.
+#[allow(clippy::too_many_arguments)]
+fn backward_ws(
+    be: &CudaBackend,
+    dqkv: &mut CudaBuf,
+    dout: &CudaBuf,
+    qkv: &CudaBuf,
+    out: &CudaBuf,
+    lse: &CudaBuf,
+    cu: &[i32],
+    dims: AttnDims,
+    rope: u64,
+) -> Result<(), BackendError> {
+    const OP: &str = "attention_backward (flash dQ, warp-specialised)";
+    let AttnDims { t, h, hkv, d, .. } = dims;
+    let units = ws_units(cu, h);
+    if units == 0 {
+        return Ok(());
+    }
+    // SAFETY: the dQ kernel writes dsum for every (row, head) of every document (one unit per
+    // 128-row query tile and head) before the dK/dV kernel reads it.
+    let mut dsum = unsafe { be.stream.alloc::<f32>(h * t) }.map_err(drv(OP))?;
+    let grid = be.sm_count.min(units).max(1);
+    let name = "flash_bwd_dq_ws_d128_bf16";
+    // Q, dO and O (two 64-row tiles each) and four (K, V) stages, plus the alignment slack.
+    let smem = (6 + 2 * 4) * tile_bytes(d) + 1024;
+    set_smem(be, name, smem, OP)?;
+    let map_qkv = tma::bf16_2d(OP, be.raw(qkv), t, dims.qkv_width(), TILE as u32, 64)?;
+    let map_do = tma::bf16_2d(OP, be.raw(dout), t, h * d, TILE as u32, 64)?;
+    let map_out = tma::bf16_2d(OP, be.raw(out), t, h * d, TILE as u32, 64)?;
+    let scale = 1.0 / (d as f32).sqrt();
+    let scale_log2 = std::f32::consts::LOG2_E * scale;
+    let (t32, h32, hkv32) = (t as i32, h as i32, hkv as i32);
+    let (pdq, pl) = (be.raw(dqkv), be.raw(lse));
+    with_ws_schedule(be, cu, WsKind::Forward, h, grid, OP, |ws| {
+        let cfg = LaunchConfig {
+            grid_dim: (grid as u32, 1, 1),
+            block_dim: (3 * THREADS, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        launch(be, name, cfg, |a| {
+            a.arg(&map_qkv)
+                .arg(&map_do)
+                .arg(&map_out)
+                .arg(&pdq)
+                .arg(&pl)
+                .arg(&mut dsum)
+                .arg(&ws.items)
+                .arg(&ws.sched)
+                .arg(&t32)
+                .arg(&h32)
+                .arg(&hkv32)
+                .arg(&scale)
+                .arg(&scale_log2)
+                .arg(&rope);
+        })
+    })?;
+    dkdv_ws(be, dqkv, dout, qkv, lse, &dsum, cu, dims, rope)
+}
+
+/// dK and dV on the warp-specialised kernel: units (128-key tile, kv head) dealt by
+/// `flash_items::ws_schedule`, Q, dO, lse and dsum copied by TMA.
+#[allow(clippy::too_many_arguments)]
+fn dkdv_ws(
+    be: &CudaBackend,
+    dqkv: &mut CudaBuf,
+    dout: &CudaBuf,
+    qkv: &CudaBuf,
+    lse: &CudaBuf,
+    dsum: &CudaSlice<f32>,
+    cu: &[i32],
+    dims: AttnDims,
+    rope: u64,
+) -> Result<(), BackendError> {
+    const OP: &str = "attention_backward (flash dK/dV, warp-specialised)";
+    let AttnDims { t, h, hkv, d, .. } = dims;
+    let units = ws_units(cu, hkv);
+    if units == 0 {
+        return Ok(());
+    }
+    let grid = be.sm_count.min(units).max(1);
+    let name = "flash_bwd_dkdv_ws_d128_bf16";
+    // K and V of both consumers, four stages of (Q, dO, lse and dsum rows), alignment slack.
+    let smem = (4 + 2 * 4) * tile_bytes(d) + 4 * 2 * TILE * 4 + 1024;
+    set_smem(be, name, smem, OP)?;
+    let map_qkv = tma::bf16_2d(OP, be.raw(qkv), t, dims.qkv_width(), TILE as u32, 64)?;
+    let map_do = tma::bf16_2d(OP, be.raw(dout), t, h * d, TILE as u32, 64)?;
+    let scale = 1.0 / (d as f32).sqrt();
+    let scale_log2 = std::f32::consts::LOG2_E * scale;
+    let (t32, h32, hkv32) = (t as i32, h as i32, hkv as i32);
+    let (pdq, pl, pd) = (be.raw(dqkv), be.raw(lse), be.ptr(dsum));
+    let kind = WsKind::DkDv { g: h / hkv.max(1) };
+    with_ws_schedule(be, cu, kind, hkv, grid, OP, |ws| {
+        let cfg = LaunchConfig {
+            grid_dim: (grid as u32, 1, 1),
+            block_dim: (3 * THREADS, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        launch(be, name, cfg, |a| {
+            a.arg(&map_qkv)
+                .arg(&map_do)
+                .arg(&pl)
+                .arg(&pd)
+                .arg(&pdq)
+                .arg(&ws.items)
+                .arg(&ws.sched)
+                .arg(&t32)
+                .arg(&h32)
+                .arg(&hkv32)
+                .arg(&scale)
+                .arg(&scale_log2)
+                .arg(&rope);
+        })
+    })
+}
+
+/// Units (128-row tile, head) of the warp-specialised kernels.
+fn ws_units(cu: &[i32], heads: usize) -> usize {
+    cu.windows(2)
+        .map(|w| ((w[1] - w[0]) as usize).div_ceil(WS_ROWS))
+        .sum::<usize>()
+        * heads
 }
 
 /// dqkv `[T, QKV]` overwritten; dk, dv summed over the G query heads of each kv head.
@@ -532,7 +664,7 @@ fn backward_any_rope(
     let cu = &cu_seqlens.host[..=dims.n_docs];
     let split = split_for(be, &dims, qkv.dtype());
     with_items(be, cu, split, op, |lists| {
-        backward_launch(be, dqkv, dout, qkv, out, lse, dims, lists, table_ptr)
+        backward_launch(be, dqkv, dout, qkv, out, lse, dims, cu, lists, table_ptr)
     })
 }
 
@@ -545,6 +677,7 @@ fn backward_launch(
     out: &CudaBuf,
     lse: &CudaBuf,
     dims: AttnDims,
+    cu: &[i32],
     lists: &ItemsCache,
     rope: Option<u64>,
 ) -> Result<(), BackendError> {
@@ -580,6 +713,11 @@ fn backward_launch(
         be.raw(out),
         be.raw(lse),
     );
+    // RoPE's table for the wgmma kernels (null: dK and dQ stored unrotated).
+    let pr = rope.unwrap_or(0);
+    if !atomic && wgmma(be, e) && ws_dkdv(be, &dims, e) {
+        return backward_ws(be, dqkv, dout, qkv, out, lse, cu, dims, pr);
+    }
     // dsum [H, T] = rowsum(dO * O); dqacc zeroed.
     // SAFETY: flash_bwd_pre writes every element of dsum before the main kernel reads it.
     let mut dsum = unsafe { be.stream.alloc::<f32>(h * t) }.map_err(drv(OP))?;
@@ -609,8 +747,8 @@ fn backward_launch(
             .arg(&d32);
     })?;
     let wg = !atomic && wgmma(be, e);
-    // RoPE's table for the wgmma kernels (null: dK and dQ stored unrotated).
-    let pr = rope.unwrap_or(0);
+    let scale = 1.0 / (d as f32).sqrt();
+    let scale_log2 = std::f32::consts::LOG2_E * scale;
     // f32 partial dK, dV of the split items (flash_items.rs): slots x Hkv x [2][64][D].
     let (splits_g, n_splits, n_slots) = (&lists.splits.0, lists.splits.1, lists.splits.2);
     let part = match n_slots {
@@ -634,8 +772,6 @@ fn backward_launch(
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: smem as u32,
     };
-    let scale = 1.0 / (d as f32).sqrt();
-    let scale_log2 = std::f32::consts::LOG2_E * scale;
     launch(be, name, cfg, |a| {
         a.arg(&pdqkv)
             .arg(&pdqacc)

@@ -113,14 +113,35 @@ fn ws_items(cu: &[i32]) -> Vec<(usize, [i32; 4])> {
     v
 }
 
-/// The persistent warp-specialised forward's schedule for `blocks` blocks and `heads` query
-/// heads: its items (int4, longest first) and `sched` = `blocks + 1` offsets, then the units
-/// (`item * heads + head`). Units are dealt longest first onto the least loaded block (LPT), so
-/// each block's list ends near the same time; a block's units are in the order dealt.
-pub(super) fn ws_schedule(cu: &[i32], heads: usize, blocks: usize) -> (Vec<i32>, Vec<i32>) {
+/// The warp-specialised dK/dV kernel's 128-row key-tile items `[start, len, tile, 0]` with their
+/// cost: the steps of consumer 0, G query heads times the query tiles from its diagonal
+/// (64-row tile 2 j) on, plus one for loading K and V and storing dK and dV.
+fn ws_key_items(cu: &[i32], g: usize) -> Vec<(usize, [i32; 4])> {
+    let mut v = Vec::new();
+    for w in cu.windows(2) {
+        let (start, len) = (w[0], (w[1] - w[0]) as usize);
+        let query_tiles = len.div_ceil(TILE);
+        for tile in 0..len.div_ceil(WS_ROWS) {
+            v.push((
+                g * (query_tiles - 2 * tile) + 1,
+                [start, len as i32, tile as i32, 0],
+            ));
+        }
+    }
+    v
+}
+
+/// A persistent warp-specialised kernel's schedule for `blocks` blocks: its items (int4,
+/// longest first) and `sched` = `blocks + 1` offsets, then the units (`item * heads + head`).
+/// Units are dealt longest first onto the least loaded block (LPT), so each block's list ends
+/// near the same time; a block's units are in the order dealt.
+fn lpt_schedule(
+    mut items: Vec<(usize, [i32; 4])>,
+    heads: usize,
+    blocks: usize,
+) -> (Vec<i32>, Vec<i32>) {
     use std::cmp::Reverse;
     use std::collections::BinaryHeap;
-    let mut items = ws_items(cu);
     items.sort_by_key(|&(w, _)| Reverse(w));
     let blocks = blocks.max(1);
     let mut load: BinaryHeap<Reverse<(usize, usize)>> =
@@ -145,34 +166,63 @@ pub(super) fn ws_schedule(cu: &[i32], heads: usize, blocks: usize) -> (Vec<i32>,
     (items.into_iter().flat_map(|(_, it)| it).collect(), sched)
 }
 
-/// The warp-specialised forward's schedule on the device, cached like [`ItemsCache`] for the
-/// last (`cu_seqlens`, heads, blocks).
+/// Which warp-specialised kernel a schedule is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum WsKind {
+    /// The forward: 128-row query tiles, one unit per query head.
+    Forward,
+    /// dK/dV: 128-row key tiles, one unit per kv head, `g` query heads each.
+    DkDv { g: usize },
+}
+
+/// The schedule of `kind` for `heads` (query heads forward, kv heads for dK/dV).
+pub(super) fn ws_schedule(
+    cu: &[i32],
+    kind: WsKind,
+    heads: usize,
+    blocks: usize,
+) -> (Vec<i32>, Vec<i32>) {
+    let items = match kind {
+        WsKind::Forward => ws_items(cu),
+        WsKind::DkDv { g } => ws_key_items(cu, g),
+    };
+    lpt_schedule(items, heads, blocks)
+}
+
+/// A warp-specialised kernel's schedule on the device, cached like [`ItemsCache`] for the last
+/// (`cu_seqlens`, kind, heads, blocks); the forward and dK/dV have a cache each, since a
+/// training step alternates them.
 pub struct WsCache {
     cu: Vec<i32>,
+    kind: WsKind,
     heads: usize,
     blocks: usize,
     pub(super) items: CudaSlice<i32>,
     pub(super) sched: CudaSlice<i32>,
 }
 
-/// Run `f` with the device schedule of the warp-specialised forward.
+/// Run `f` with the device schedule of `kind`.
 pub(super) fn with_ws_schedule<R>(
     be: &CudaBackend,
     cu: &[i32],
+    kind: WsKind,
     heads: usize,
     blocks: usize,
     op: &'static str,
     f: impl FnOnce(&WsCache) -> Result<R, BackendError>,
 ) -> Result<R, BackendError> {
-    let mut cache = be
-        .flash_ws
+    let slot = match kind {
+        WsKind::Forward => &be.flash_ws,
+        WsKind::DkDv { .. } => &be.flash_ws_bwd,
+    };
+    let mut cache = slot
         .lock()
         .map_err(|_| shape(op, "schedule cache poisoned by an earlier panic".into()))?;
     if cache
         .as_ref()
-        .is_none_or(|c| c.cu != cu || c.heads != heads || c.blocks != blocks)
+        .is_none_or(|c| c.cu != cu || c.kind != kind || c.heads != heads || c.blocks != blocks)
     {
-        let (items, sched) = ws_schedule(cu, heads, blocks);
+        let (items, sched) = ws_schedule(cu, kind, heads, blocks);
         let upload = |list: &[i32]| {
             be.stream
                 .clone_htod(if list.is_empty() { &[0][..] } else { list })
@@ -180,6 +230,7 @@ pub(super) fn with_ws_schedule<R>(
         };
         *cache = Some(WsCache {
             cu: cu.to_vec(),
+            kind,
             heads,
             blocks,
             items: upload(&items)?,
@@ -284,7 +335,7 @@ mod tests {
         assert!(fwd_items(&[0, 0, 0]).is_empty());
     }
 
-    /// The warp-specialised forward's schedule: every (128-row query tile, head) unit once,
+    /// The warp-specialised kernels' schedules (forward, dK/dV): every (128-row tile, head) unit once,
     /// on exactly one block; the items cover every query tile of every document, longest
     /// first; and dealing longest first onto the least loaded block leaves no block more than
     /// one unit's cost above another (the LPT bound).
@@ -295,14 +346,27 @@ mod tests {
         for l in lens {
             cu.push(cu.last().unwrap() + l as i32);
         }
-        for (heads, blocks) in [(16usize, 132usize), (32, 7), (1, 1), (4, 1000)] {
-            let (items, sched) = ws_schedule(&cu, heads, blocks);
+        let kinds = [
+            WsKind::Forward,
+            WsKind::DkDv { g: 4 },
+            WsKind::DkDv { g: 1 },
+        ];
+        for (kind, heads, blocks) in kinds
+            .into_iter()
+            .flat_map(|k| [(16usize, 132usize), (32, 7), (1, 1), (4, 1000)].map(|(h, b)| (k, h, b)))
+        {
+            let (items, sched) = ws_schedule(&cu, kind, heads, blocks);
             let n_items = items.len() / 4;
             let want: usize = lens.iter().map(|l| l.div_ceil(WS_ROWS)).sum();
             assert_eq!(n_items, want);
+            // Forward: key tiles 0 ..= 2 i + 1 (2 i when the tile's second half is past the
+            // document), plus one; dK/dV: G x query tiles from 2 i on, plus one.
             let cost = |i: usize| {
                 let (len, tile) = (items[4 * i + 1] as usize, items[4 * i + 2] as usize);
-                (2 * tile + 1).min(len.div_ceil(TILE) - 1) + 2
+                match kind {
+                    WsKind::Forward => (2 * tile + 1).min(len.div_ceil(TILE) - 1) + 2,
+                    WsKind::DkDv { g } => g * (len.div_ceil(TILE) - 2 * tile) + 1,
+                }
             };
             assert!((1..n_items).all(|i| cost(i - 1) >= cost(i)));
             let mut tiles: Vec<(i32, i32)> = items.chunks(4).map(|c| (c[0], c[2])).collect();
@@ -331,7 +395,7 @@ mod tests {
                 "heads {heads} blocks {blocks}: {lo} .. {hi}"
             );
         }
-        let (items, sched) = ws_schedule(&[0, 0], 8, 4);
+        let (items, sched) = ws_schedule(&[0, 0], WsKind::Forward, 8, 4);
         assert!(items.is_empty() && sched == [0, 0, 0, 0, 0]);
     }
 

@@ -196,8 +196,7 @@ __device__ __forceinline__ void flash_bwd_dq_ws(const FaTmap* map_qkv, const FaT
             fa_pin<32>(s);
             fa_pin<32>(dp);
             if (mine == 0) {
-                __syncwarp();
-                if (lane == 0) fw_bar_arrive(&q_empty);
+                fw_warp_arrive(&q_empty, lane);
                 fw_mask(s, 0, q, tig);
             }
             fw_ds(s, dp, scale_log2, lse2, dsr, a);
@@ -218,16 +217,14 @@ __device__ __forceinline__ void flash_bwd_dq_ws(const FaTmap* map_qkv, const FaT
                 fa_pin<32>(s);
                 fa_pin<32>(dp);
                 if (k == mine) {
-                    __syncwarp();
-                    if (lane == 0) fw_bar_arrive(&q_empty);
+                    fw_warp_arrive(&q_empty, lane);
                     fw_mask(s, k * FA_TILE, q, tig);
                 }
                 fw_ds(s, dp, scale_log2, lse2, dsr, aout);
                 fa_wg_wait0();
                 fa_pin<D / 2>(dq);
                 fw_pin_p(ain);
-                __syncwarp();
-                if (lane == 0) fw_bar_arrive(&empty[prev % STAGES]);
+                fw_warp_arrive(&empty[prev % STAGES], lane);
             };
             auto last_dq = [&](unsigned (&ain)[4][4]) {
                 const int lt = n + mine;
@@ -237,8 +234,7 @@ __device__ __forceinline__ void flash_bwd_dq_ws(const FaTmap* map_qkv, const FaT
                 fa_wg_commit();
                 fa_wg_wait0();
                 fa_pin<D / 2>(dq);
-                __syncwarp();
-                if (lane == 0) fw_bar_arrive(&empty[lt % STAGES]);
+                fw_warp_arrive(&empty[lt % STAGES], lane);
             };
             for (kt = 1; kt + 1 <= mine; kt += 2) {
                 step(kt, a, a2);
@@ -252,33 +248,19 @@ __device__ __forceinline__ void flash_bwd_dq_ws(const FaTmap* map_qkv, const FaT
             }
             kt = mine + 1;
         } else {
-            __syncwarp();
-            if (lane == 0) fw_bar_arrive(&q_empty);
+            fw_warp_arrive(&q_empty, lane);
         }
-        for (; kt <= last; ++kt) {
-            const int cur = n + kt;
-            fw_bar_wait(&full_k[cur % STAGES], (cur / STAGES) & 1);
-            fw_bar_wait(&full_v[cur % STAGES], (cur / STAGES) & 1);
-            __syncwarp();
-            if (lane == 0) fw_bar_arrive(&empty[cur % STAGES]);
-        }
+        for (; kt <= last; ++kt) fw_skip_stage(full_k, full_v, empty, n + kt, STAGES, lane);
         n += last + 1;
 
         if (mine >= 0) {
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
                 const int qr = q + 8 * r;
-                if (qr < L) {
-                    __nv_bfloat16* row = dqkv + (long)(start + qr) * W + (long)h * D + 2 * tig;
-                    float sc = scale;
-                    if (rope) {
-                        fa_rope_back_row<D>(dq, r, scale, rope + (long)(start + qr) * (D / 2), tig);
-                        sc = 1.f;
-                    }
-#pragma unroll
-                    for (int i = 0; i < D / 8; ++i)
-                        fa_st2(row + i * 8, dq[4 * i + 2 * r] * sc, dq[4 * i + 2 * r + 1] * sc);
-                }
+                const long tok = start + qr;
+                if (qr < L)
+                    fa_store_grad_row<D>(dq, r, scale, rope ? rope + tok * (D / 2) : nullptr,
+                                         dqkv + tok * W + (long)h * D, tig);
             }
         }
     }

@@ -135,15 +135,7 @@ __device__ __forceinline__ void flash_bwd_dkdv_wg(__nv_bfloat16* __restrict__ dq
                         if (warp * 16 + g + (e >> 1) * 8 > qc * QC + nb * 8 + 2 * tig + (e & 1))
                             st[4 * nb + e] = -FA_INF;
             }
-#pragma unroll
-            for (int nb = 0; nb < QC / 8; ++nb)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int ql = qc * QC + nb * 8 + 2 * tig + (e & 1);
-                    const float p = exp2f(fmaf(st[4 * nb + e], scale_log2, -sL[ql] * FA_LOG2E));
-                    st[4 * nb + e] = p;
-                    dpt[4 * nb + e] = p * (dpt[4 * nb + e] - sD[ql]);
-                }
+            fa_dkdv_scores<QC>(st, dpt, sL + qc * QC, sD + qc * QC, scale_log2, tig);
             unsigned ap[QC / 16][4], as[QC / 16][4];
 #pragma unroll
             for (int kk = 0; kk < QC / 16; ++kk)
@@ -191,14 +183,9 @@ __device__ __forceinline__ void flash_bwd_dkdv_wg(__nv_bfloat16* __restrict__ dq
                 }
                 continue;
             }
-            __nv_bfloat16* drow = dqkv + (long)(start + key) * W + 2 * tig;
-            __nv_bfloat16* dkr = drow + (long)(H + hk) * D;
-            __nv_bfloat16* dvr = drow + (long)(H + Hkv + hk) * D;
-#pragma unroll
-            for (int i = 0; i < D / 8; ++i) {
-                fa_st2(dkr + i * 8, dk[4 * i + 2 * r] * sc, dk[4 * i + 2 * r + 1] * sc);
-                fa_st2(dvr + i * 8, dv[4 * i + 2 * r], dv[4 * i + 2 * r + 1]);
-            }
+            __nv_bfloat16* drow = dqkv + (long)(start + key) * W;
+            fa_store_grad_row<D>(dk, r, sc, nullptr, drow + (long)(H + hk) * D, tig);
+            fa_store_grad_row<D>(dv, r, 1.f, nullptr, drow + (long)(H + Hkv + hk) * D, tig);
         }
     }
 }
@@ -301,17 +288,10 @@ __device__ __forceinline__ void flash_bwd_dq_wg(__nv_bfloat16* __restrict__ dqkv
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int q = q0 + warp * 16 + g + r * 8;
-        if (q < L) {
-            __nv_bfloat16* row = dqkv + (long)(start + q) * W + (long)h * D + 2 * tig;
-            float sc = scale;
-            if (rope) {
-                fa_rope_back_row<D>(dq, r, scale, rope + (long)(start + q) * (D / 2), tig);
-                sc = 1.f;
-            }
-#pragma unroll
-            for (int i = 0; i < D / 8; ++i)
-                fa_st2(row + i * 8, dq[4 * i + 2 * r] * sc, dq[4 * i + 2 * r + 1] * sc);
-        }
+        const long tok = start + q;
+        if (q < L)
+            fa_store_grad_row<D>(dq, r, scale, rope ? rope + tok * (D / 2) : nullptr,
+                                 dqkv + tok * W + (long)h * D, tig);
     }
 }
 #endif  // FA_WG

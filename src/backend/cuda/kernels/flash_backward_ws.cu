@@ -118,8 +118,7 @@ __device__ __forceinline__ void flash_bwd_dkdv_ws(const FaTmap* map_qkv, const F
                         rl[i] = ok ? lse[(long)hq * T + y + i] : 0.f;
                         rl[FA_TILE + i] = ok ? dsum[(long)hq * T + y + i] : 0.f;
                     }
-                    __syncwarp();
-                    if (lane == 0) fw_bar_arrive(&full[st]);
+                    fw_warp_arrive(&full[st], lane);
                 }
             }
         }
@@ -190,16 +189,7 @@ __device__ __forceinline__ void flash_bwd_dkdv_ws(const FaTmap* map_qkv, const F
                                 if (q0 + nb * 8 + 2 * tig + (e & 1) >= L) sT[4 * nb + e] = -FA_INF;
                     }
                     unsigned ap[QC / 16][4], as[QC / 16][4];
-#pragma unroll
-                    for (int nb = 0; nb < QC / 8; ++nb)
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) {
-                            const int ql = nb * 8 + 2 * tig + (e & 1);
-                            const float p =
-                                exp2f(fmaf(sT[4 * nb + e], scale_log2, -sL[ql] * FA_LOG2E));
-                            sT[4 * nb + e] = p;
-                            dpT[4 * nb + e] = p * (dpT[4 * nb + e] - sD[ql]);
-                        }
+                    fa_dkdv_scores<QC>(sT, dpT, sL, sD, scale_log2, tig);
 #pragma unroll
                     for (int kk = 0; kk < QC / 16; ++kk)
 #pragma unroll
@@ -228,31 +218,21 @@ __device__ __forceinline__ void flash_bwd_dkdv_ws(const FaTmap* map_qkv, const F
                     fw_turn_wait<PP>(c);
                     fw_turn_pass<PP>(c);
                 }
-                __syncwarp();
-                if (lane == 0) fw_bar_arrive(&empty[st]);
+                fw_warp_arrive(&empty[st], lane);
             }
         }
-        __syncwarp();
-        if (lane == 0) fw_bar_arrive(&kv_empty);
+        fw_warp_arrive(&kv_empty, lane);
 
         if (!active) continue;
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             const int key = k0 + warp * 16 + g + r * 8;
             if (key < L) {
-                float sc = scale;
-                if (rope) {
-                    fa_rope_back_row<D>(dk, r, scale, rope + (long)(start + key) * (D / 2), tig);
-                    sc = 1.f;
-                }
-                __nv_bfloat16* drow = dqkv + (long)(start + key) * W + 2 * tig;
-                __nv_bfloat16* dkr = drow + (long)(H + hk) * D;
-                __nv_bfloat16* dvr = drow + (long)(H + Hkv + hk) * D;
-#pragma unroll
-                for (int i = 0; i < D / 8; ++i) {
-                    fa_st2(dkr + i * 8, dk[4 * i + 2 * r] * sc, dk[4 * i + 2 * r + 1] * sc);
-                    fa_st2(dvr + i * 8, dv[4 * i + 2 * r], dv[4 * i + 2 * r + 1]);
-                }
+                const long tok = start + key;
+                __nv_bfloat16* drow = dqkv + tok * W;
+                fa_store_grad_row<D>(dk, r, scale, rope ? rope + tok * (D / 2) : nullptr,
+                                     drow + (long)(H + hk) * D, tig);
+                fa_store_grad_row<D>(dv, r, 1.f, nullptr, drow + (long)(H + Hkv + hk) * D, tig);
             }
         }
     }

@@ -150,21 +150,12 @@ __device__ __forceinline__ void flash_fwd_wg(__nv_bfloat16* __restrict__ out,
         fa_wg_wait0();
         fa_pin<D / 2>(o);
     }
-    const long HD = (long)H * D;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        float lr = l[r];
-        lr += __shfl_xor_sync(0xffffffffu, lr, 1);
-        lr += __shfl_xor_sync(0xffffffffu, lr, 2);
         const int q = q0 + warp * 16 + g + r * 8;
-        if (q < L) {
-            const float inv = 1.f / lr;
-            __nv_bfloat16* orow = out + (long)(start + q) * HD + (long)h * D + 2 * tig;
-#pragma unroll
-            for (int i = 0; i < D / 8; ++i)
-                fa_st2(orow + i * 8, o[4 * i + 2 * r] * inv, o[4 * i + 2 * r + 1] * inv);
-            if (tig == 0) lse[(long)h * T + start + q] = (m[r] + log2f(lr)) * FA_LN2;
-        }
+        const long tok = start + q;
+        fa_store_o_row<D>(o, r, m[r], l[r], q < L, out + tok * H * D + (long)h * D,
+                          lse + (long)h * T + tok, tig);
     }
 }
 #endif  // FA_WG

@@ -209,8 +209,7 @@ __device__ __forceinline__ void flash_fwd_ws(const FaTmap* map, __nv_bfloat16* _
             fa_wg_wait0();
             fa_pin<32>(s);
             if (mine == 0) {
-                __syncwarp();
-                if (lane == 0) fw_bar_arrive(&q_empty[qb]);
+                fw_warp_arrive(&q_empty[qb], lane);
             }
             if (mine == 0) fw_mask(s, 0, q, tig);
             fw_softmax(s, scale_log2, m, l, alpha, p);
@@ -223,37 +222,34 @@ __device__ __forceinline__ void flash_fwd_ws(const FaTmap* map, __nv_bfloat16* _
                 fw_bar_wait(&full_k[cur % STAGES], (cur / STAGES) & 1);
                 fw_bar_wait(&full_v[prev % STAGES], (prev / STAGES) & 1);
                 fa_pin<D / 2>(o);
-                    fa_wg_fence();
+                fa_wg_fence();
                 fw_issue_s<D>(s, myQ, sK + (cur % STAGES) * TD);
                 fa_wg_commit();
                 fw_issue_pv<D>(o, pin, sV + (prev % STAGES) * TD);
                 fa_wg_commit();
-                    asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+                asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
                 fa_pin<32>(s);
                 if (k == mine) {
-                    __syncwarp();
-                    if (lane == 0) fw_bar_arrive(&q_empty[qb]);
+                    fw_warp_arrive(&q_empty[qb], lane);
                 }
                 if (k == mine) fw_mask(s, k * FA_TILE, q, tig);
                 fw_softmax(s, scale_log2, m, l, alpha, pout);
                 fa_wg_wait0();
                 fa_pin<D / 2>(o);
                 fw_pin_p(pin);  // live until its product is done: pout cannot take its registers
-                __syncwarp();
-                if (lane == 0) fw_bar_arrive(&empty[prev % STAGES]);
+                fw_warp_arrive(&empty[prev % STAGES], lane);
                 fw_rescale<D>(o, alpha);
             };
             auto last_pv = [&](unsigned (&pin)[4][4]) {
                 const int lt = n + mine;
                 fw_bar_wait(&full_v[lt % STAGES], (lt / STAGES) & 1);
                 fa_pin<D / 2>(o);
-                    fa_wg_fence();
+                fa_wg_fence();
                 fw_issue_pv<D>(o, pin, sV + (lt % STAGES) * TD);
                 fa_wg_commit();
-                    fa_wg_wait0();
+                fa_wg_wait0();
                 fa_pin<D / 2>(o);
-                __syncwarp();
-                if (lane == 0) fw_bar_arrive(&empty[lt % STAGES]);
+                fw_warp_arrive(&empty[lt % STAGES], lane);
             };
             for (kt = 1; kt + 1 <= mine; kt += 2) {
                 step(kt, p, p2);
@@ -267,37 +263,19 @@ __device__ __forceinline__ void flash_fwd_ws(const FaTmap* map, __nv_bfloat16* _
             }
             kt = mine + 1;
         } else {
-            __syncwarp();
-            if (lane == 0) fw_bar_arrive(&q_empty[qb]);
+            fw_warp_arrive(&q_empty[qb], lane);
         }
-        // Tiles this warpgroup does not need (past its diagonal, or all of them when its rows
-        // are past the document): wait for them, so each arrival counts toward its own phase
-        // of the stage's barrier, and release them.
-        for (; kt <= last; ++kt) {
-            const int cur = n + kt;
-            fw_bar_wait(&full_k[cur % STAGES], (cur / STAGES) & 1);
-            fw_bar_wait(&full_v[cur % STAGES], (cur / STAGES) & 1);
-            __syncwarp();
-            if (lane == 0) fw_bar_arrive(&empty[cur % STAGES]);
-        }
+        // Tiles this warpgroup does not need: past its diagonal, or all when its rows are past
+        // the document.
+        for (; kt <= last; ++kt) fw_skip_stage(full_k, full_v, empty, n + kt, STAGES, lane);
         n += last + 1;
 
         if (mine >= 0) {
-            const long HD = (long)H * D;
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
-                float lr = l[r];
-                lr += __shfl_xor_sync(0xffffffffu, lr, 1);
-                lr += __shfl_xor_sync(0xffffffffu, lr, 2);
-                const int qr = q + 8 * r;
-                if (qr < L) {
-                    const float inv = 1.f / lr;
-                    __nv_bfloat16* orow = out + (long)(start + qr) * HD + (long)h * D + 2 * tig;
-#pragma unroll
-                    for (int i = 0; i < D / 8; ++i)
-                        fa_st2(orow + i * 8, o[4 * i + 2 * r] * inv, o[4 * i + 2 * r + 1] * inv);
-                    if (tig == 0) lse[(long)h * T + start + qr] = (m[r] + log2f(lr)) * FA_LN2;
-                }
+                const long tok = start + q + 8 * r;
+                fa_store_o_row<D>(o, r, m[r], l[r], q + 8 * r < L,
+                                  out + tok * H * D + (long)h * D, lse + (long)h * T + tok, tig);
             }
         }
     }

@@ -220,4 +220,58 @@ __device__ __forceinline__ void fa_rope_back_row(float* acc, int r, float scale,
     }
 }
 
+
+// Epilogues and score stages the one-warpgroup and warp-specialised kernels share.
+//
+// Row r (0: g, 1: g + 8) of a warp's O accumulator divided by the row's l (summed over the
+// row's 4 lanes: every lane must call), stored to `orow` (the row's D columns of this head) with
+// lse = (m + log2 l) ln 2 at *lse_at, when `valid` (the row is in the document).
+template <int D>
+__device__ __forceinline__ void fa_store_o_row(const float* o, int r, float m, float l,
+                                               bool valid, __nv_bfloat16* orow, float* lse_at,
+                                               int tig) {
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    if (!valid) return;
+    const float inv = 1.f / l;
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i)
+        fa_st2(orow + 2 * tig + i * 8, o[4 * i + 2 * r] * inv, o[4 * i + 2 * r + 1] * inv);
+    if (tig == 0) *lse_at = (m + log2f(l)) * FA_LN2;
+}
+
+// Row r of a dQ or dK accumulator times `scale`, rotated back by RoPE when `rope` (the row's
+// D / 2 cos/sin pairs) is set, stored to `row` (the row's D columns of this head) in bf16.
+template <int D>
+__device__ __forceinline__ void fa_store_grad_row(float* acc, int r, float scale,
+                                                  const float2* rope, __nv_bfloat16* row,
+                                                  int tig) {
+    float sc = scale;
+    if (rope) {
+        fa_rope_back_row<D>(acc, r, scale, rope, tig);
+        sc = 1.f;
+    }
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i)
+        fa_st2(row + 2 * tig + i * 8, acc[4 * i + 2 * r] * sc, acc[4 * i + 2 * r + 1] * sc);
+}
+
+// The dK/dV kernels' score stage for QC query columns (sT[4 nb + e]: key g + 8 (e >> 1) of the
+// warp's 16, query nb 8 + 2 tig + (e & 1); masked scores already -inf):
+// P^T = exp2(S^T scale log2 e - lse log2 e) into sT, dS^T = P^T (dP^T - dsum) into dpT, with
+// lse and dsum of the QC queries in sL, sD.
+template <int QC>
+__device__ __forceinline__ void fa_dkdv_scores(float* sT, float* dpT, const float* sL,
+                                               const float* sD, float scale_log2, int tig) {
+#pragma unroll
+    for (int nb = 0; nb < QC / 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int ql = nb * 8 + 2 * tig + (e & 1);
+            const float p = exp2f(fmaf(sT[4 * nb + e], scale_log2, -sL[ql] * FA_LOG2E));
+            sT[4 * nb + e] = p;
+            dpT[4 * nb + e] = p * (dpT[4 * nb + e] - sD[ql]);
+        }
+}
+
 #endif  // FA_WG

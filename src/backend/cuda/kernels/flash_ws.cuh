@@ -37,6 +37,23 @@ __device__ __forceinline__ void fw_bar_wait(unsigned long long* b, unsigned pari
         "r"(parity)
         : "memory");
 }
+// One arrival per warp (the barriers that consumers release count warps), once every lane of
+// the warp is done with what it releases.
+__device__ __forceinline__ void fw_warp_arrive(unsigned long long* b, int lane) {
+    __syncwarp();
+    if (lane == 0) fw_bar_arrive(b);
+}
+// A stage a consumer skips (a key tile past its diagonal, or every tile when its rows are past
+// the document): wait for its copies, so the arrival counts toward that tile's phase of the
+// stage's barrier, and release it.
+__device__ __forceinline__ void fw_skip_stage(unsigned long long* full_k,
+                                              unsigned long long* full_v,
+                                              unsigned long long* empty, int n, int stages,
+                                              int lane) {
+    fw_bar_wait(&full_k[n % stages], (n / stages) & 1);
+    fw_bar_wait(&full_v[n % stages], (n / stages) & 1);
+    fw_warp_arrive(&empty[n % stages], lane);
+}
 // One 64 x 64 box at column x, row y of the tensor map into `dst` (1024-byte aligned).
 __device__ __forceinline__ void fw_tma(unsigned short* dst, const FaTmap* map, int x, int y,
                                        unsigned long long* bar) {

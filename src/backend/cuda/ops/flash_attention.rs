@@ -26,7 +26,9 @@ use std::sync::OnceLock;
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
-use super::flash_items::{with_items, with_ws_schedule, ItemsCache, Split, WsKind, WS_ROWS};
+use super::flash_items::{
+    with_items, with_ws_schedule, ItemsCache, Split, WsCache, WsKind, WS_ROWS,
+};
 use super::tma;
 use super::{need, set_smem};
 use crate::backend::cuda::{drv, launch, CudaBackend, CudaBuf, CudaIdx, DType};
@@ -336,25 +338,14 @@ fn forward_ws(
 ) -> Result<(), BackendError> {
     const OP: &str = "attention_forward (flash, warp-specialised)";
     let AttnDims { t, h, hkv, d, .. } = dims;
-    let units = ws_units(cu, h);
-    if units == 0 {
-        return Ok(());
-    }
-    let grid = be.sm_count.min(units).max(1);
-    let name = "flash_fwd_ws_d128_bf16";
-    let smem = shared_bytes_fwd_ws(d);
-    set_smem(be, name, smem, OP)?;
+    const NAME: &str = "flash_fwd_ws_d128_bf16";
     let map = tma::bf16_2d(OP, be.raw(qkv), t, dims.qkv_width(), TILE as u32, 64)?;
     let scale_log2 = std::f32::consts::LOG2_E / (d as f32).sqrt();
     let (t32, h32, hkv32) = (t as i32, h as i32, hkv as i32);
     let (po, pl) = (be.raw(out), be.raw(lse));
-    with_ws_schedule(be, cu, WsKind::Forward, h, grid, OP, |ws| {
-        let cfg = LaunchConfig {
-            grid_dim: (grid as u32, 1, 1),
-            block_dim: (3 * THREADS, 1, 1),
-            shared_mem_bytes: smem as u32,
-        };
-        launch(be, name, cfg, |a| {
+    let smem = shared_bytes_fwd_ws(d);
+    with_ws_launch(be, NAME, smem, cu, WsKind::Forward, h, OP, |cfg, ws| {
+        launch(be, NAME, cfg, |a| {
             a.arg(&map)
                 .arg(&po)
                 .arg(&pl)
@@ -480,18 +471,12 @@ fn backward_ws(
 ) -> Result<(), BackendError> {
     const OP: &str = "attention_backward (flash dQ, warp-specialised)";
     let AttnDims { t, h, hkv, d, .. } = dims;
-    let units = ws_units(cu, h);
-    if units == 0 {
-        return Ok(());
-    }
     // SAFETY: the dQ kernel writes dsum for every (row, head) of every document (one unit per
     // 128-row query tile and head) before the dK/dV kernel reads it.
     let mut dsum = unsafe { be.stream.alloc::<f32>(h * t) }.map_err(drv(OP))?;
-    let grid = be.sm_count.min(units).max(1);
-    let name = "flash_bwd_dq_ws_d128_bf16";
+    const NAME: &str = "flash_bwd_dq_ws_d128_bf16";
     // Q, dO and O (two 64-row tiles each) and four (K, V) stages, plus the alignment slack.
     let smem = (6 + 2 * 4) * tile_bytes(d) + 1024;
-    set_smem(be, name, smem, OP)?;
     let map_qkv = tma::bf16_2d(OP, be.raw(qkv), t, dims.qkv_width(), TILE as u32, 64)?;
     let map_do = tma::bf16_2d(OP, be.raw(dout), t, h * d, TILE as u32, 64)?;
     let map_out = tma::bf16_2d(OP, be.raw(out), t, h * d, TILE as u32, 64)?;
@@ -499,13 +484,8 @@ fn backward_ws(
     let scale_log2 = std::f32::consts::LOG2_E * scale;
     let (t32, h32, hkv32) = (t as i32, h as i32, hkv as i32);
     let (pdq, pl) = (be.raw(dqkv), be.raw(lse));
-    with_ws_schedule(be, cu, WsKind::Forward, h, grid, OP, |ws| {
-        let cfg = LaunchConfig {
-            grid_dim: (grid as u32, 1, 1),
-            block_dim: (3 * THREADS, 1, 1),
-            shared_mem_bytes: smem as u32,
-        };
-        launch(be, name, cfg, |a| {
+    with_ws_launch(be, NAME, smem, cu, WsKind::Forward, h, OP, |cfg, ws| {
+        launch(be, NAME, cfg, |a| {
             a.arg(&map_qkv)
                 .arg(&map_do)
                 .arg(&map_out)
@@ -541,15 +521,9 @@ fn dkdv_ws(
 ) -> Result<(), BackendError> {
     const OP: &str = "attention_backward (flash dK/dV, warp-specialised)";
     let AttnDims { t, h, hkv, d, .. } = dims;
-    let units = ws_units(cu, hkv);
-    if units == 0 {
-        return Ok(());
-    }
-    let grid = be.sm_count.min(units).max(1);
-    let name = "flash_bwd_dkdv_ws_d128_bf16";
+    const NAME: &str = "flash_bwd_dkdv_ws_d128_bf16";
     // K and V of both consumers, four stages of (Q, dO, lse and dsum rows), alignment slack.
     let smem = (4 + 2 * 4) * tile_bytes(d) + 4 * 2 * TILE * 4 + 1024;
-    set_smem(be, name, smem, OP)?;
     let map_qkv = tma::bf16_2d(OP, be.raw(qkv), t, dims.qkv_width(), TILE as u32, 64)?;
     let map_do = tma::bf16_2d(OP, be.raw(dout), t, h * d, TILE as u32, 64)?;
     let scale = 1.0 / (d as f32).sqrt();
@@ -557,13 +531,8 @@ fn dkdv_ws(
     let (t32, h32, hkv32) = (t as i32, h as i32, hkv as i32);
     let (pdq, pl, pd) = (be.raw(dqkv), be.raw(lse), be.ptr(dsum));
     let kind = WsKind::DkDv { g: h / hkv.max(1) };
-    with_ws_schedule(be, cu, kind, hkv, grid, OP, |ws| {
-        let cfg = LaunchConfig {
-            grid_dim: (grid as u32, 1, 1),
-            block_dim: (3 * THREADS, 1, 1),
-            shared_mem_bytes: smem as u32,
-        };
-        launch(be, name, cfg, |a| {
+    with_ws_launch(be, NAME, smem, cu, kind, hkv, OP, |cfg, ws| {
+        launch(be, NAME, cfg, |a| {
             a.arg(&map_qkv)
                 .arg(&map_do)
                 .arg(&pl)
@@ -579,6 +548,34 @@ fn dkdv_ws(
                 .arg(&rope);
         })
     })
+}
+
+/// Launch the persistent warp-specialised kernel `name` with `smem` bytes of shared memory: one
+/// block of three warpgroups per SM (at most one per unit), its schedule of `kind` for `heads`;
+/// `f` pushes the arguments and launches. Nothing runs without units.
+#[allow(clippy::too_many_arguments)]
+fn with_ws_launch(
+    be: &CudaBackend,
+    name: &'static str,
+    smem: usize,
+    cu: &[i32],
+    kind: WsKind,
+    heads: usize,
+    op: &'static str,
+    f: impl FnOnce(LaunchConfig, &WsCache) -> Result<(), BackendError>,
+) -> Result<(), BackendError> {
+    let units = ws_units(cu, heads);
+    if units == 0 {
+        return Ok(());
+    }
+    let grid = be.sm_count.min(units).max(1);
+    set_smem(be, name, smem, op)?;
+    let cfg = LaunchConfig {
+        grid_dim: (grid as u32, 1, 1),
+        block_dim: (3 * THREADS, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    with_ws_schedule(be, cu, kind, heads, grid, op, |ws| f(cfg, ws))
 }
 
 /// Units (128-row tile, head) of the warp-specialised kernels.

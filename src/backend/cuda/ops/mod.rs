@@ -9,6 +9,7 @@ pub mod elementwise;
 pub mod embedding;
 pub mod flash_attention;
 pub(crate) mod flash_items;
+mod flash_ws;
 pub mod matmul;
 pub mod rmsnorm;
 pub mod rope;

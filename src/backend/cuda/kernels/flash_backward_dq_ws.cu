@@ -104,9 +104,9 @@ __device__ __forceinline__ void flash_bwd_dq_ws(const FaTmap* map_qkv, const FaT
         if (threadIdx.x != 0) return;
         int n = 0;
         for (int u = first; u < end; ++u) {
-            const int code = sched[gridDim.x + 1 + u];
-            const int4 it = items[code / H];
-            const int h = code % H, hk = h / G;
+            const FwUnit unit = fw_unit(sched, items, u, H);
+            const int4 it = unit.item;
+            const int h = unit.head, hk = h / G;
             const int start = it.x, L = it.y, q0 = it.z * 2 * FA_TILE;
             const int last = 2 * it.z + (q0 + FA_TILE < L ? 1 : 0);
             if (u > first) fw_bar_wait(&q_empty, (u - first - 1) & 1);
@@ -117,15 +117,9 @@ __device__ __forceinline__ void flash_bwd_dq_ws(const FaTmap* map_qkv, const FaT
             fw_tma_tile<D>(sO + TD, map_do, h * D, start + q0 + FA_TILE, &q_full);
             fw_tma_tile<D>(sOut, map_out, h * D, start + q0, &q_full);
             fw_tma_tile<D>(sOut + TD, map_out, h * D, start + q0 + FA_TILE, &q_full);
-            for (int kt = 0; kt <= last; ++kt, ++n) {
-                const int st = n % STAGES;
-                if (n >= STAGES) fw_bar_wait(&empty[st], ((n / STAGES) - 1) & 1);
-                const int y = start + kt * FA_TILE;
-                fw_bar_expect(&full_k[st], TILE_BYTES);
-                fw_tma_tile<D>(sK + st * TD, map_qkv, (H + hk) * D, y, &full_k[st]);
-                fw_bar_expect(&full_v[st], TILE_BYTES);
-                fw_tma_tile<D>(sV + st * TD, map_qkv, (H + Hkv + hk) * D, y, &full_v[st]);
-            }
+            for (int kt = 0; kt <= last; ++kt, ++n)
+                fw_load_kv<D>(sK, sV, full_k, full_v, empty, n, STAGES, map_qkv, (H + hk) * D,
+                              (H + Hkv + hk) * D, start + kt * FA_TILE);
         }
         return;
     }
@@ -138,9 +132,9 @@ __device__ __forceinline__ void flash_bwd_dq_ws(const FaTmap* map_qkv, const FaT
     const unsigned short* myO = sO + c * TD;
     int n = 0;
     for (int u = first; u < end; ++u) {
-        const int code = sched[gridDim.x + 1 + u];
-        const int4 it = items[code / H];
-        const int h = code % H;
+        const FwUnit unit = fw_unit(sched, items, u, H);
+        const int4 it = unit.item;
+        const int h = unit.head;
         const int start = it.x, L = it.y, q0 = it.z * 2 * FA_TILE;
         const int last = 2 * it.z + (q0 + FA_TILE < L ? 1 : 0);
         const int rows0 = q0 + c * FA_TILE;

@@ -84,9 +84,9 @@ __device__ __forceinline__ void flash_bwd_dkdv_ws(const FaTmap* map_qkv, const F
         const int lane = threadIdx.x;
         int n = 0;
         for (int u = first; u < end; ++u) {
-            const int code = sched[gridDim.x + 1 + u];
-            const int4 it = items[code / Hkv];
-            const int hk = code % Hkv;
+            const FwUnit unit = fw_unit(sched, items, u, Hkv);
+            const int4 it = unit.item;
+            const int hk = unit.head;
             const int start = it.x, L = it.y, kt0 = 2 * it.z;
             const int nq = (L + FA_TILE - 1) / FA_TILE;
             if (u > first) fw_bar_wait(&kv_empty, (u - first - 1) & 1);
@@ -134,9 +134,9 @@ __device__ __forceinline__ void flash_bwd_dkdv_ws(const FaTmap* map_qkv, const F
     if (c == 1) fw_turn_pass<PP>(c);  // consumer 0 goes first
     int n = 0;
     for (int u = first; u < end; ++u) {
-        const int code = sched[gridDim.x + 1 + u];
-        const int4 it = items[code / Hkv];
-        const int hk = code % Hkv;
+        const FwUnit unit = fw_unit(sched, items, u, Hkv);
+        const int4 it = unit.item;
+        const int hk = unit.head;
         const int start = it.x, L = it.y, kt0 = 2 * it.z;
         const int nq = (L + FA_TILE - 1) / FA_TILE;
         const int kt = kt0 + c, k0 = kt * FA_TILE;  // this consumer's key tile

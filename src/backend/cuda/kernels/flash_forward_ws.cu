@@ -151,9 +151,9 @@ __device__ __forceinline__ void flash_fwd_ws(const FaTmap* map, __nv_bfloat16* _
                      : "memory");
         int n = 0;  // key tiles loaded so far by this block
         for (int u = first; u < end; ++u) {
-            const int code = sched[gridDim.x + 1 + u];
-            const int4 it = items[code / H];
-            const int h = code % H, hk = h / G;
+            const FwUnit unit = fw_unit(sched, items, u, H);
+            const int4 it = unit.item;
+            const int h = unit.head, hk = h / G;
             const int start = it.x, L = it.y, q0 = it.z * 2 * FA_TILE;
             const int last = 2 * it.z + (q0 + FA_TILE < L ? 1 : 0);
             const int j = u - first, qb = j % QBUF;
@@ -162,15 +162,9 @@ __device__ __forceinline__ void flash_fwd_ws(const FaTmap* map, __nv_bfloat16* _
             fw_bar_expect(&q_full[qb], 2 * TILE_BYTES);
             fw_tma_tile<D>(q, map, h * D, start + q0, &q_full[qb]);
             fw_tma_tile<D>(q + TD, map, h * D, start + q0 + FA_TILE, &q_full[qb]);
-            for (int kt = 0; kt <= last; ++kt, ++n) {
-                const int st = n % STAGES;
-                if (n >= STAGES) fw_bar_wait(&empty[st], ((n / STAGES) - 1) & 1);
-                const int y = start + kt * FA_TILE;
-                fw_bar_expect(&full_k[st], TILE_BYTES);
-                fw_tma_tile<D>(sK + st * TD, map, (H + hk) * D, y, &full_k[st]);
-                fw_bar_expect(&full_v[st], TILE_BYTES);
-                fw_tma_tile<D>(sV + st * TD, map, (H + Hkv + hk) * D, y, &full_v[st]);
-            }
+            for (int kt = 0; kt <= last; ++kt, ++n)
+                fw_load_kv<D>(sK, sV, full_k, full_v, empty, n, STAGES, map, (H + hk) * D,
+                              (H + Hkv + hk) * D, start + kt * FA_TILE);
         }
         return;
     }
@@ -181,9 +175,9 @@ __device__ __forceinline__ void flash_fwd_ws(const FaTmap* map, __nv_bfloat16* _
     const int warp = t >> 5, lane = t & 31, g = lane >> 2, tig = lane & 3;
     int n = 0;
     for (int u = first; u < end; ++u) {
-        const int code = sched[gridDim.x + 1 + u];
-        const int4 it = items[code / H];
-        const int h = code % H;
+        const FwUnit unit = fw_unit(sched, items, u, H);
+        const int4 it = unit.item;
+        const int h = unit.head;
         const int start = it.x, L = it.y, q0 = it.z * 2 * FA_TILE;
         const int last = 2 * it.z + (q0 + FA_TILE < L ? 1 : 0);  // the block's last key tile
         const int rows0 = q0 + c * FA_TILE;                         // this warpgroup's first row

@@ -72,6 +72,35 @@ __device__ __forceinline__ void fw_tma_tile(unsigned short* dst, const FaTmap* m
 }
 
 
+// The producer's copy of the block's key tile n (rows y.. of K's columns kx and V's columns vx)
+// into its stage of the ring, once the consumers have released the stage's previous tile.
+template <int D>
+__device__ __forceinline__ void fw_load_kv(unsigned short* sK, unsigned short* sV,
+                                           unsigned long long* full_k,
+                                           unsigned long long* full_v,
+                                           unsigned long long* empty, int n, int stages,
+                                           const FaTmap* map, int kx, int vx, int y) {
+    constexpr unsigned TILE_BYTES = FA_TILE * D * 2;
+    const int st = n % stages;
+    if (n >= stages) fw_bar_wait(&empty[st], ((n / stages) - 1) & 1);
+    fw_bar_expect(&full_k[st], TILE_BYTES);
+    fw_tma_tile<D>(sK + st * FA_TILE * D, map, kx, y, &full_k[st]);
+    fw_bar_expect(&full_v[st], TILE_BYTES);
+    fw_tma_tile<D>(sV + st * FA_TILE * D, map, vx, y, &full_v[st]);
+}
+
+// Unit u of a persistent block's list (flash_items.rs ws_schedule: the blocks' offsets, then
+// the units as item * heads + head): its item and head.
+struct FwUnit {
+    int4 item;
+    int head;
+};
+__device__ __forceinline__ FwUnit fw_unit(const int* sched, const int4* items, int u,
+                                          int heads) {
+    const int code = sched[gridDim.x + 1 + u];
+    return {items[code / heads], code % heads};
+}
+
 // Shared by the warp-specialised kernels' score stages.
 // Pin P's registers (live until its product is done, so a new P cannot take them).
 __device__ __forceinline__ void fw_pin_p(unsigned (*p)[4]) {
